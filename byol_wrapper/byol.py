@@ -1,0 +1,481 @@
+"""The BYOL learner: wraps any backbone, builds heads, keeps an EMA target and augments per sample.
+
+Bootstrap Your Own Latent (Grill et al. 2020, arXiv 2006.07733). The API keeps byol-pytorch's names so that its
+users can switch by changing one import.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.func import functional_call
+
+from .augmentations import IMAGENET_MEAN, IMAGENET_STD, byol_views, to_float_image
+from .extractor import HiddenLayerExtractor, LayerSpec, TokenPool
+from .heads import MLP, SimSiamMLP
+from .loss import symmetric_loss
+from .momentum import BUFFER_POLICIES, BufferPolicy, copy_weights_, cosine_tau, ema_update_
+
+__all__ = ["BYOL", "NetWrapper"]
+
+
+def _image_size_pair(image_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(image_size, int) and not isinstance(image_size, bool):
+        size = (image_size, image_size)
+    elif (
+        isinstance(image_size, Sequence)
+        and len(image_size) == 2
+        and all(isinstance(s, int) and not isinstance(s, bool) for s in image_size)
+    ):
+        size = (int(image_size[0]), int(image_size[1]))
+    else:
+        raise TypeError(f"image_size must be an int or an (H, W) pair of ints, got {image_size!r}")
+    if min(size) <= 0:
+        raise ValueError(f"image_size must be positive, got {image_size!r}")
+    return size
+
+
+def _first_conv_channels(net: nn.Module) -> int | None:
+    for module in net.modules():
+        if isinstance(module, (nn.Conv2d, nn.Conv3d)):
+            return module.in_channels
+    return None
+
+
+def _first_conv2d(net: nn.Module) -> nn.Conv2d | None:
+    for module in net.modules():
+        if isinstance(module, nn.Conv2d):
+            return module
+    return None
+
+
+def _is_channels_last(t: torch.Tensor) -> bool:
+    """Strictly channels-last: ``(N, C, H, W)`` with NHWC strides (tensors that are both layouts do not count)."""
+    return t.ndim == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _floating_dtype(net: nn.Module) -> torch.dtype:
+    for p in net.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _module_device(net: nn.Module) -> torch.device:
+    for t in net.parameters():
+        return t.device
+    for t in net.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _distributed_world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+_SYNC_BN_DEVICES = ("cuda", "xpu", "hpu")
+
+
+def _resolve_sync_batchnorm(requested: bool | None, device: torch.device) -> bool:
+    """Whether to convert BatchNorm to SyncBatchNorm; warns and returns ``False`` where it cannot work.
+
+    ``nn.SyncBatchNorm`` synchronises accelerator tensors only (not CPU tensors, hence not under gloo on CPU).
+    Without a process group it behaves as ordinary BatchNorm, so converting a CUDA model before
+    ``init_process_group`` (as Lightning does) is fine. A model still on the CPU counts as a CUDA model when CUDA
+    is available and the process group (if any) has a CUDA backend: it is about to be moved.
+    """
+    initialized = dist.is_available() and dist.is_initialized()
+    backend = str(dist.get_backend()) if initialized else ""
+    on_accelerator = device.type in _SYNC_BN_DEVICES or (
+        device.type == "cpu" and torch.cuda.is_available() and (not initialized or "nccl" in backend)
+    )
+    if requested is None:
+        return _distributed_world() > 1 and on_accelerator
+    if not requested:
+        return False
+    if not on_accelerator:
+        warnings.warn(
+            f"sync_batchnorm=True needs the model on a GPU (nn.SyncBatchNorm does not synchronise CPU tensors); "
+            f"the model is on {device.type}"
+            + (f" with the {backend!r} process-group backend" if initialized else "")
+            + ", so BatchNorm stays per process (statistics of each rank's batch). Pass sync_batchnorm=False to "
+            "silence this, or move the model to CUDA with the nccl backend.",
+            stacklevel=3,
+        )
+        return False
+    return True
+
+
+class NetWrapper(HiddenLayerExtractor):
+    """Backbone plus projector: the online (or target) encoder.
+
+    Holds ``net`` (the backbone, hooked at ``layer``) and ``projector``, with byol-pytorch's attribute names, so
+    the target copy has parameters with the same names and byol-pytorch state-dict keys carry over.
+    ``forward(x)`` returns ``(projection, representation)`` like byol-pytorch.
+
+    Args:
+        net: The backbone.
+        projector: The projection MLP (may be set after construction).
+        layer: Hidden layer; see :func:`byol_wrapper.extractor.resolve_layer`.
+        token_pool: Pooling for 3-D token outputs (``"cls"`` or ``"mean"``).
+    """
+
+    def __init__(self, net: nn.Module, projector: nn.Module | None, layer: LayerSpec = -2, token_pool: TokenPool = "cls") -> None:
+        super().__init__(net, layer, token_pool)
+        self.projector = projector
+
+    def forward(self, x: torch.Tensor, return_projection: bool = True):
+        """Returns ``(projection, representation)``, or the representation alone if not ``return_projection``."""
+        representation = self.get_representation(x)
+        if not return_projection:
+            return representation
+        return self.projector(representation), representation
+
+
+class BYOL(nn.Module):
+    """Bootstrap Your Own Latent around any backbone.
+
+    Example:
+        >>> learner = BYOL(resnet, image_size=224, hidden_layer="avgpool")
+        >>> opt = torch.optim.Adam(learner.parameters(), lr=3e-4)
+        >>> loss = learner(images)  # float in [0, 1] or uint8, (B, C, H, W)
+        >>> opt.zero_grad(); loss.backward(); opt.step()
+        >>> learner.update_moving_average()
+
+    The constructor runs nothing through the user's backbone in a way that could change it: the hidden size is
+    found by a forward pass on the ``meta`` device (no memory, no compute, no buffer or training-flag change),
+    falling back to an eval-mode pass whose buffers and flags are restored; pass ``hidden_dim`` to skip it.
+
+    Args:
+        net: The backbone to pretrain. It stays the module you passed (``learner.net``); no layer is replaced
+            (except with ``sync_batchnorm=True``, which converts its BatchNorm layers in place).
+        image_size: Output size of the augmentations, ``int`` or ``(H, W)``.
+        hidden_layer: Module name (any depth, as in ``net.named_modules()``), index into the top-level children,
+            or ``-1`` for the network's output. Default ``-2`` (the penultimate child, byol-pytorch's default).
+        projection_size: Projector/predictor output size (256 in the paper).
+        projection_hidden_size: Projector/predictor hidden size (4096 in the paper).
+        augment_fn: Callable for view 1 replacing the built-in augmentation (receives float images in [0, 1]).
+        augment_fn2: Callable for view 2; defaults to ``augment_fn`` when that is given.
+        moving_average_decay: Base tau of the target EMA (byol-pytorch's default 0.99; the paper uses 0.996
+            at batch size 4096).
+        use_momentum: ``False`` gives the SimSiam variant: no target network, stop-gradient on the online
+            projections (no second backbone pass).
+        sync_batchnorm: ``True`` converts BatchNorm in backbone and heads to ``nn.SyncBatchNorm`` before the
+            target is copied (so the target has it too); on a CPU-only setup (gloo on CPU) it warns and keeps
+            per-process BatchNorm. ``None`` (default) converts when a process group with more than one rank
+            exists and the model is on CUDA (or still on the CPU with CUDA available and an nccl backend).
+        hidden_dim: Size of the hidden layer's pooled output; skips probing the backbone.
+        total_steps: Number of optimizer steps of training; enables the paper's cosine tau schedule from
+            ``moving_average_decay`` to 1. ``None`` keeps tau constant.
+        token_pool: Pooling of 3-D ``(B, T, D)`` hidden outputs: ``"cls"`` (first token) or ``"mean"``.
+        channels: Input channel count; inferred from the first convolution, else 3.
+        mean: Normalisation mean applied after the built-in augmentations (ImageNet's by default); ``None``
+            disables normalisation.
+        std: Normalisation std (ImageNet's by default).
+        buffer_policy: How target buffers (BatchNorm running statistics) follow the online network:
+            ``"ema"`` (default) lerps floating buffers with the same tau and copies integer ones; ``"copy"``
+            copies them; in both cases the target's own forward passes leave its running statistics untouched
+            (its BatchNorm momentum is set to 0, on the target copy only). ``"none"``: the target keeps the
+            statistics of its own forward passes, as in the official JAX implementation.
+        concat_views: ``False`` (default, as in the paper) runs the two views through the networks separately,
+            so each view has its own BatchNorm statistics; ``True`` concatenates them into one batch (faster
+            on GPUs, byol-pytorch's behaviour).
+        augment_kwargs: Overrides for the built-in views (see :func:`byol_wrapper.augmentations.byol_views`).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        image_size: int | tuple[int, int],
+        hidden_layer: LayerSpec = -2,
+        projection_size: int = 256,
+        projection_hidden_size: int = 4096,
+        augment_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        augment_fn2: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        moving_average_decay: float = 0.99,
+        use_momentum: bool = True,
+        sync_batchnorm: bool | None = None,
+        *,
+        hidden_dim: int | None = None,
+        total_steps: int | None = None,
+        token_pool: TokenPool = "cls",
+        channels: int | None = None,
+        mean: Sequence[float] | None = IMAGENET_MEAN,
+        std: Sequence[float] | None = IMAGENET_STD,
+        buffer_policy: BufferPolicy = "ema",
+        concat_views: bool = False,
+        augment_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"net must be a torch.nn.Module, got {type(net).__name__}")
+        self.image_size = _image_size_pair(image_size)
+        if isinstance(moving_average_decay, bool) or not isinstance(moving_average_decay, (int, float)) or not 0.0 <= moving_average_decay <= 1.0:
+            raise ValueError(f"moving_average_decay must be a float in [0, 1] (0.99 or the paper's 0.996), got {moving_average_decay!r}")
+        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0):
+            raise ValueError(f"total_steps must be a positive int (optimizer steps of training) or None, got {total_steps!r}")
+        if buffer_policy not in BUFFER_POLICIES:
+            raise ValueError(f"buffer_policy must be one of {BUFFER_POLICIES}, got {buffer_policy!r}")
+        for name, fn in (("augment_fn", augment_fn), ("augment_fn2", augment_fn2)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be callable (images -> images) or None, got {type(fn).__name__}")
+        if channels is None:
+            channels = _first_conv_channels(net) or 3
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels <= 0:
+            raise ValueError(f"channels must be a positive int, got {channels!r}")
+        self.channels = channels
+        self.moving_average_decay = float(moving_average_decay)
+        self.total_steps = total_steps
+        self.use_momentum = bool(use_momentum)
+        self.buffer_policy = buffer_policy
+        self.concat_views = bool(concat_views)
+        self._step = 0
+
+        # Augmentations: built-in per-sample views, or the user's callables.
+        self.custom_augment = augment_fn is not None or augment_fn2 is not None
+        if self.custom_augment:
+            self.augment1 = augment_fn if augment_fn is not None else augment_fn2
+            self.augment2 = augment_fn2 if augment_fn2 is not None else augment_fn
+        else:
+            self.augment1, self.augment2 = byol_views(self.image_size, mean=mean, std=std, **(augment_kwargs or {}))
+        self.register_buffer("_mean", None if mean is None else torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("_std", None if std is None else torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+        device, dtype = _module_device(net), _floating_dtype(net)
+        if sync_batchnorm is not None and not isinstance(sync_batchnorm, bool):
+            raise TypeError(f"sync_batchnorm must be True, False or None (automatic), got {sync_batchnorm!r}")
+        self.sync_batchnorm = _resolve_sync_batchnorm(sync_batchnorm, device)
+        if self.sync_batchnorm:
+            # In place, before the hook is placed and before the target is copied, so both see SyncBatchNorm.
+            nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        # The views are made channels-last when this convolution's weight is (see _memory_format).
+        self._layout_conv = (_first_conv2d(net),)  # a tuple, so it is not registered as a submodule
+
+        # Online encoder: backbone (hooked) + projector sized from the real hidden dimension.
+        self.online_encoder = NetWrapper(net, None, hidden_layer, token_pool)
+        if hidden_dim is None:
+            hidden_dim = self._probe_hidden_dim(dtype)
+        elif isinstance(hidden_dim, bool) or not isinstance(hidden_dim, int) or hidden_dim <= 0:
+            raise ValueError(f"hidden_dim must be a positive int or None, got {hidden_dim!r}")
+        self.hidden_dim = hidden_dim
+        mlp = MLP if self.use_momentum else SimSiamMLP
+        self.online_encoder.projector = mlp(hidden_dim, projection_size, projection_hidden_size, self.sync_batchnorm).to(device, dtype)
+        self.online_predictor = MLP(projection_size, projection_size, projection_hidden_size, self.sync_batchnorm).to(device, dtype)
+
+        self.target_encoder: NetWrapper | None = self._make_target() if self.use_momentum else None
+
+    # ------------------------------------------------------------------ construction helpers
+    @property
+    def net(self) -> nn.Module:
+        """The user's backbone (the online one)."""
+        return self.online_encoder.net
+
+    def _probe_hidden_dim(self, dtype: torch.dtype) -> int:
+        """Finds the pooled hidden size without changing anything in the backbone."""
+        net = self.net
+        h, w = self.image_size
+        state = {name: torch.empty_like(t, device="meta") for name, t in [*net.named_parameters(), *net.named_buffers()]}
+        x = torch.zeros(2, self.channels, h, w, dtype=dtype, device="meta")
+        try:
+            with torch.no_grad():
+                return self._run_probe(lambda inp: functional_call(net, state, (inp,), tie_weights=True), x)
+        except Exception:  # noqa: BLE001 - meta unsupported by some op; fall back to a guarded real pass
+            pass
+        device = _module_device(net)
+        flags = {m: m.training for m in net.modules()}
+        saved = {name: b.detach().clone() for name, b in net.named_buffers()}
+        try:
+            net.eval()
+            with torch.no_grad():
+                return self._run_probe(net, torch.zeros(2, self.channels, h, w, dtype=dtype, device=device))
+        finally:
+            for m, flag in flags.items():
+                m.training = flag
+            with torch.no_grad():
+                for name, b in net.named_buffers():
+                    if name in saved:
+                        b.copy_(saved[name])
+
+    def _run_probe(self, run: Callable[[torch.Tensor], Any], x: torch.Tensor) -> int:
+        return int(self.online_encoder.get_representation(x, run).shape[-1])
+
+    def _make_target(self) -> NetWrapper:
+        target = copy.deepcopy(self.online_encoder)
+        for p in target.parameters():
+            p.requires_grad_(False)
+        if self.buffer_policy != "none":
+            for m in target.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.momentum = 0.0  # running stats follow the online network through the EMA only
+        return target
+
+    # ------------------------------------------------------------------ momentum
+    @property
+    def step(self) -> int:
+        """Number of ``update_moving_average()`` calls so far (optimizer steps)."""
+        return self._step
+
+    @property
+    def tau(self) -> float:
+        """The EMA decay the next ``update_moving_average()`` will use."""
+        return cosine_tau(self._step, self.total_steps, self.moving_average_decay)
+
+    def update_moving_average(self) -> None:
+        """Moves the target towards the online encoder, then advances the tau schedule by one step.
+
+        Call once per optimizer step (not per micro-batch when accumulating gradients).
+
+        Raises:
+            RuntimeError: with ``use_momentum=False`` there is no target to update.
+        """
+        if not self.use_momentum or self.target_encoder is None:
+            raise RuntimeError(
+                "update_moving_average() needs a target network, but this learner was built with use_momentum=False "
+                "(SimSiam variant); do not call it, or build the learner with use_momentum=True"
+            )
+        ema_update_(self.target_encoder, self.online_encoder, self.tau, self.buffer_policy)
+        self._step += 1
+
+    def reset_moving_average(self) -> None:
+        """Copies the online encoder into the target (parameters and buffers); the tau schedule step is kept."""
+        if self.target_encoder is not None:
+            copy_weights_(self.target_encoder, self.online_encoder)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """Schedule state saved in ``state_dict()``."""
+        return {"step": self._step, "total_steps": self.total_steps, "moving_average_decay": self.moving_average_decay}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Restores the schedule state from ``load_state_dict()``."""
+        self._step = int(state["step"])
+        self.total_steps = state.get("total_steps", self.total_steps)
+        self.moving_average_decay = float(state.get("moving_average_decay", self.moving_average_decay))
+
+    def remove_hooks(self) -> None:
+        """Removes the forward hooks this learner put on the backbone and its target copy."""
+        self.online_encoder.remove_hook()
+        if self.target_encoder is not None:
+            self.target_encoder.remove_hook()
+
+    # ------------------------------------------------------------------ distributed
+    def unused_parameters(self) -> list[str]:
+        """Names of trainable backbone parameters the loss cannot reach (layers after ``hidden_layer``).
+
+        See :func:`byol_wrapper.distributed.unused_parameters`.
+        """
+        from .distributed import unused_parameters
+
+        return unused_parameters(self)
+
+    @property
+    def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
+        """Read by ``DistributedDataParallel`` when it wraps the learner: :meth:`unused_parameters`, so DDP needs
+        no ``find_unused_parameters=True``. Names assigned to it (as DDP's
+        ``_set_params_and_buffers_to_ignore_for_model`` does) are added to them."""
+        extra = self.__dict__.get("_ddp_extra_ignore", [])
+        return sorted({*self.unused_parameters(), *extra})
+
+    @_ddp_params_and_buffers_to_ignore.setter
+    def _ddp_params_and_buffers_to_ignore(self, names: Sequence[str]) -> None:
+        self.__dict__["_ddp_extra_ignore"] = list(names)
+
+    # ------------------------------------------------------------------ forward
+    def _check_input(self, x: Any) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor of images (B, C, H, W), got {type(x).__name__}")
+        if x.ndim != 4:
+            raise ValueError(
+                f"x must be a batch of images of shape (B, {self.channels}, H, W), got shape {tuple(x.shape)}"
+                + ("; add a batch dimension with x.unsqueeze(0)" if x.ndim == 3 else "")
+            )
+        if x.shape[1] != self.channels:
+            raise ValueError(
+                f"x must have {self.channels} channels, shape (B, {self.channels}, H, W), got shape {tuple(x.shape)}"
+                f"{'; images look channels-last, use x.permute(0, 3, 1, 2)' if x.shape[-1] == self.channels else ''}"
+            )
+        return to_float_image(x)
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.custom_augment or self._mean is None or self._std is None:
+            return x
+        return (x - self._mean.to(x.device)) / self._std.to(x.device)
+
+    @torch.no_grad()
+    def augment(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two views of a batch, float32, under ``no_grad`` and outside autocast."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self.augment1(x), self.augment2(x)
+
+    def _encode(self, encoder: NetWrapper, one: torch.Tensor, two: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.concat_views:
+            return encoder(torch.cat((one, two)))[0].chunk(2)
+        return encoder(one)[0], encoder(two)[0]
+
+    def _memory_format(self, x: torch.Tensor) -> torch.memory_format | None:
+        """``torch.channels_last`` when the input batch or the backbone's first ``Conv2d`` weight is channels-last."""
+        conv = self._layout_conv[0]
+        if _is_channels_last(x) or (conv is not None and _is_channels_last(conv.weight)):
+            return torch.channels_last
+        return None
+
+    def _predict(self, one: torch.Tensor, two: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.concat_views:
+            return self.online_predictor(torch.cat((one, two))).chunk(2)
+        return self.online_predictor(one), self.online_predictor(two)
+
+    def forward(self, x: torch.Tensor, return_embedding: bool = False, return_projection: bool = True):
+        """BYOL loss of a batch, or its embedding.
+
+        Args:
+            x: Images ``(B, C, H, W)``, float in [0, 1] or uint8.
+            return_embedding: Return the online encoder's output instead of the loss (no augmentation; the
+                normalisation of the built-in views is applied).
+            return_projection: With ``return_embedding``, return ``(projection, embedding)``; else the
+                embedding alone.
+
+        The views enter the backbone channels-last when ``x`` is channels-last or the backbone's first
+        ``Conv2d`` weight is (``net.to(memory_format=torch.channels_last)``); otherwise contiguous.
+
+        Returns:
+            The symmetric loss (float32 scalar), or the embedding as described.
+
+        Raises:
+            TypeError: ``x`` is not a tensor.
+            ValueError: wrong rank or channel count, or a batch of 1 in training mode.
+            RuntimeError: called in an ``nn.DataParallel`` replica (several GPUs); use DDP.
+        """
+        if getattr(self, "_is_replica", False):
+            raise RuntimeError(
+                "BYOL does not support torch.nn.DataParallel over several GPUs: its replicas run in threads that "
+                "share the hidden-layer hook. Use torch.nn.parallel.DistributedDataParallel instead (torchrun, one "
+                "process per GPU; see byol_wrapper.distributed)"
+            )
+        memory_format = self._memory_format(x) if isinstance(x, torch.Tensor) else None
+        x = self._check_input(x)
+        if return_embedding:
+            x = self._normalize(x)
+            if memory_format is not None:
+                x = x.contiguous(memory_format=memory_format)
+            return self.online_encoder(x, return_projection=return_projection)
+        if self.training and x.shape[0] < 2:
+            raise ValueError(
+                "x must hold at least 2 images in training mode (BatchNorm in the heads needs batch statistics); "
+                "use a larger batch, or learner.eval() with return_embedding=True to embed one image"
+            )
+        view_one, view_two = self.augment(x)
+        if memory_format is not None:  # the augmentations return contiguous (NCHW) views
+            view_one, view_two = view_one.contiguous(memory_format=memory_format), view_two.contiguous(memory_format=memory_format)
+        online_one, online_two = self._encode(self.online_encoder, view_one, view_two)
+        pred_one, pred_two = self._predict(online_one, online_two)
+        with torch.no_grad():
+            if self.target_encoder is not None:
+                target_one, target_two = self._encode(self.target_encoder, view_one, view_two)
+            else:  # SimSiam: stop-gradient on the online projections, no second backbone pass
+                target_one, target_two = online_one.detach(), online_two.detach()
+        return symmetric_loss(pred_one, pred_two, target_one, target_two)

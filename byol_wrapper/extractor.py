@@ -1,0 +1,230 @@
+"""Hidden-layer extraction: hook a layer of any backbone and pool its output to one vector per image.
+
+The hook is a small callable object stored on the layer with a kept :class:`~torch.utils.hooks.RemovableHandle`.
+It writes into a store keyed by device (so ``nn.DataParallel`` replicas, which share hooks, do not mix up
+their outputs) and the store is cleared right after it is read, as timm's ``_features.py`` does. The hook is
+removed when :meth:`HiddenLayerExtractor.remove_hook` is called or when the extractor is garbage collected, so
+re-wrapping the same backbone never leaves stale hooks behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import weakref
+from collections.abc import Callable
+from typing import Literal, Union
+
+import torch
+from torch import nn
+
+__all__ = ["HiddenLayerExtractor", "LayerSpec", "pool_features", "resolve_layer"]
+
+LayerSpec = Union[str, int]
+TokenPool = Literal["cls", "mean"]
+
+
+def _layer_names(net: nn.Module) -> list[str]:
+    return [name for name, _ in net.named_modules() if name]
+
+
+def resolve_layer(net: nn.Module, layer: LayerSpec) -> nn.Module | None:
+    """Finds the module that ``layer`` names in ``net``.
+
+    Args:
+        net: The backbone.
+        layer: A module name as listed by ``net.named_modules()`` (any depth, e.g. ``"layer4.1.conv2"``),
+            an integer index into the top-level children (negative counts from the end, as in
+            byol-pytorch), or ``-1`` for the network's output.
+
+    Returns:
+        The module to hook, or ``None`` when ``layer == -1`` (use the network's output).
+
+    Raises:
+        TypeError: ``layer`` is neither ``str`` nor ``int``.
+        ValueError: no such module; the message lists the closest real names.
+    """
+    if isinstance(layer, bool) or not isinstance(layer, (str, int)):
+        raise TypeError(
+            f"hidden_layer must be a module name (str), an index into the top-level children (int) "
+            f"or -1 for the output, got {type(layer).__name__}: {layer!r}"
+        )
+    if isinstance(layer, int):
+        if layer == -1:
+            return None
+        children = list(net.named_children())
+        if not -len(children) <= layer < len(children):
+            names = ", ".join(f"{i}: {n!r}" for i, (n, _) in enumerate(children))
+            raise ValueError(
+                f"hidden_layer={layer} is out of range: {type(net).__name__} has {len(children)} top-level "
+                f"children ({names}); pass an index in [{-len(children)}, {len(children) - 1}], a module name, "
+                f"or -1 for the output"
+            )
+        return children[layer][1]
+    modules = dict(net.named_modules())
+    if layer in modules and layer != "":
+        return modules[layer]
+    names = _layer_names(net)
+    close = difflib.get_close_matches(layer, names, n=8, cutoff=0.3)
+    suggestion = close if close else names[:8]
+    raise ValueError(
+        f"hidden_layer={layer!r} is not a module of {type(net).__name__}. "
+        f"Closest names: {', '.join(repr(n) for n in suggestion)}"
+        f"{' (of ' + str(len(names)) + ' in net.named_modules())' if len(names) > len(suggestion) else ''}. "
+        f"Pass one of them, an int index into the top-level children, or -1 for the network's output."
+    )
+
+
+def pool_features(features: torch.Tensor | tuple | list, token_pool: TokenPool = "cls") -> torch.Tensor:
+    """Reduces a layer's output to one vector per image.
+
+    Rule: 2-D ``(B, D)`` is kept; 3-D ``(B, T, D)`` is treated as a token sequence and reduced by
+    ``token_pool`` (``"cls"``: the first token, as in ViT; ``"mean"``: the mean over tokens); 4-D and higher
+    ``(B, C, H, W, ...)`` feature maps are global-average-pooled over the spatial dimensions. A tuple or
+    list output (e.g. from attention layers) uses its first element.
+
+    Args:
+        features: The layer output.
+        token_pool: Pooling for 3-D outputs.
+
+    Returns:
+        A ``(B, D)`` tensor.
+    """
+    if isinstance(features, (tuple, list)):
+        if not features:
+            raise RuntimeError("the hooked layer returned an empty tuple/list; hook another layer")
+        features = features[0]
+    if not isinstance(features, torch.Tensor):
+        raise RuntimeError(
+            f"the hooked layer returned {type(features).__name__}, not a tensor; hook another layer"
+        )
+    if features.ndim == 2:
+        return features
+    if features.ndim == 3:
+        return features[:, 0] if token_pool == "cls" else features.mean(dim=1)
+    if features.ndim >= 4:
+        return features.mean(dim=tuple(range(2, features.ndim)))
+    raise RuntimeError(
+        f"the hooked layer returned a {features.ndim}-D tensor of shape {tuple(features.shape)}; "
+        f"expected (B, D), (B, T, D) or (B, C, H, W): hook another layer"
+    )
+
+
+class _FeatureHook:
+    """Forward hook writing a layer's output into a store keyed by device."""
+
+    def __init__(self) -> None:
+        self.store: dict[torch.device, object] = {}
+
+    def __call__(self, module: nn.Module, args: tuple, output: object) -> None:
+        tensor = output[0] if isinstance(output, (tuple, list)) and output else output
+        device = tensor.device if isinstance(tensor, torch.Tensor) else torch.device("cpu")
+        self.store[device] = output
+
+
+class HiddenLayerExtractor(nn.Module):
+    """Runs a backbone and returns the pooled output of one of its layers.
+
+    Args:
+        net: The backbone; it is used as is (no layer is replaced, no forward is run here).
+        layer: Which layer to read; see :func:`resolve_layer`.
+        token_pool: ``"cls"`` or ``"mean"``, pooling for 3-D token outputs; see :func:`pool_features`.
+    """
+
+    def __init__(self, net: nn.Module, layer: LayerSpec = -2, token_pool: TokenPool = "cls") -> None:
+        super().__init__()
+        if token_pool not in ("cls", "mean"):
+            raise ValueError(f"token_pool must be 'cls' or 'mean', got {token_pool!r}")
+        self.net = net
+        self.layer = layer
+        self.token_pool = token_pool
+        self._hook: _FeatureHook | None = None
+        self._handle = None
+        self._finalizer = None
+        self._register_hook()
+
+    def _register_hook(self) -> None:
+        module = resolve_layer(self.net, self.layer)
+        if module is None:
+            return
+        self._hook = _FeatureHook()
+        self._handle = module.register_forward_hook(self._hook)
+        # Remove the hook from the user's layer when this extractor is garbage collected.
+        self._finalizer = weakref.finalize(self, self._handle.remove)
+
+    def remove_hook(self) -> None:
+        """Removes the forward hook from the backbone. Idempotent."""
+        if self._finalizer is not None:
+            self._finalizer()  # calls handle.remove() once
+            self._finalizer = None
+        self._handle = None
+        self._hook = None
+
+    def rebind_hook(self) -> None:
+        """Drops every hook this class left on ``net`` and registers a fresh one (used after ``deepcopy``)."""
+        for module in self.net.modules():
+            for key, hook in list(module._forward_hooks.items()):
+                if isinstance(hook, _FeatureHook):
+                    del module._forward_hooks[key]
+        self._hook = None
+        self._handle = None
+        self._finalizer = None
+        self._register_hook()
+
+    @property
+    def has_hook(self) -> bool:
+        """Whether a hook is registered (``False`` for ``layer=-1``)."""
+        return self._hook is not None
+
+    def __deepcopy__(self, memo: dict) -> "HiddenLayerExtractor":
+        # Copy modules normally, then give the copy its own hook on its own layer.
+        cls = self.__class__
+        new = cls.__new__(cls)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key in ("_hook", "_handle", "_finalizer"):
+                continue
+            object.__setattr__(new, key, copy.deepcopy(value, memo))
+        new.rebind_hook()
+        return new
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_hook"] = state["_handle"] = state["_finalizer"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if resolve_layer(self.net, self.layer) is not None:
+            self.rebind_hook()
+
+    def get_representation(self, x: torch.Tensor, run: Callable[[torch.Tensor], object] | None = None) -> torch.Tensor:
+        """Returns the pooled ``(B, D)`` features of the chosen layer for the batch ``x``.
+
+        Args:
+            x: Input batch.
+            run: Calls the backbone on ``x``; defaults to ``self.net`` (the probe passes a meta-device call).
+        """
+        run = self.net if run is None else run
+        if self.layer == -1:
+            return pool_features(run(x), self.token_pool)
+        hook = self._hook
+        if hook is None:
+            raise RuntimeError("the hidden-layer hook was removed (remove_hook() was called); re-create the BYOL learner")
+        hook.store.clear()
+        run(x)
+        output = hook.store.pop(x.device, None)
+        if output is None and hook.store:
+            # Some backbones move the input to another device internally.
+            output = hook.store.pop(next(iter(hook.store)))
+        hook.store.clear()
+        if output is None:
+            raise RuntimeError(
+                f"hidden_layer={self.layer!r} never ran during the forward of {type(self.net).__name__}: "
+                f"the module exists but is not called by net.forward. Hook a layer that runs, or use -1 for the output."
+            )
+        return pool_features(output, self.token_pool)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Same as :meth:`get_representation`."""
+        return self.get_representation(x)

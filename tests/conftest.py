@@ -1,0 +1,51 @@
+"""Shared tiny backbones for the tests (CPU, tiny inputs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+
+class TinyCNN(nn.Module):
+    """A small custom CNN with BatchNorm, a pooling layer and a classifier head."""
+
+    def __init__(self, channels: int = 3, width: int = 8, num_classes: int = 5) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.unused = nn.Linear(3, 3)  # exists but never runs in forward
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def tiny_cnn() -> TinyCNN:
+    return TinyCNN()
+
+
+@pytest.fixture
+def resnet18() -> nn.Module:
+    import torchvision
+
+    return torchvision.models.resnet18(num_classes=10)
+
+
+@pytest.fixture
+def tiny_vit() -> nn.Module:
+    from torchvision.models import VisionTransformer
+
+    return VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=10)
+
+
+SMALL_HEADS = dict(projection_size=16, projection_hidden_size=32)
