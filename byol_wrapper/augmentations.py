@@ -622,8 +622,11 @@ class BYOLView(nn.Module):
         if interpolation not in _INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {_INTERPOLATIONS}; got {interpolation!r}")
         self.interpolation = interpolation
-        # Normalization constants per device, built once per device so that forward never copies host->device.
-        self._stats_cache: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        # Normalization constants as non-persistent buffers: they follow ``.to(device)`` with the learner, so
+        # forward never copies host->device, and torch.compile sees plain tensors (no per-device cache).
+        for name, stats in (("_mean_t", self.mean), ("_std_t", self.std)):
+            value = None if stats is None else torch.tensor(stats, dtype=torch.float32).view(1, -1, 1, 1)
+            self.register_buffer(name, value, persistent=False)
 
     def extra_repr(self) -> str:
         return (
@@ -633,19 +636,6 @@ class BYOLView(nn.Module):
             f"solarize_p={self.solarize_p}, solarize_threshold={self.solarize_threshold}, mean={self.mean}, "
             f"std={self.std}, interpolation={self.interpolation!r}"
         )
-
-    def _stats(
-        self, device: torch.device, mean: tuple[float, ...], std: tuple[float, ...]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (device, mean, std)
-        stats = self._stats_cache.get(key)
-        if stats is None:
-            stats = (
-                torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1),
-                torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1),
-            )
-            self._stats_cache[key] = stats
-        return stats
 
     def _sample(self, batch: int, device: torch.device) -> torch.Tensor:
         """The ``(B, _N_RAND)`` uniform draw that parameterizes one forward pass (one RNG call)."""
@@ -683,9 +673,9 @@ class BYOLView(nn.Module):
 
         with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
             rand = self._sample(batch, x.device)
-            return self._apply(x.detach(), rand)
+            return self._transform(x.detach(), rand)
 
-    def _apply(self, x: torch.Tensor, rand: torch.Tensor) -> torch.Tensor:
+    def _transform(self, x: torch.Tensor, rand: torch.Tensor) -> torch.Tensor:
         """Transform float32 images ``x`` with the parameters encoded in ``rand`` (see :meth:`_sample`)."""
         rgb = x.shape[1] == 3
 
@@ -734,9 +724,8 @@ class BYOLView(nn.Module):
 
         # 7. clamp, normalize
         x = x.clamp(0.0, 1.0)
-        if self.mean is not None and self.std is not None:
-            mean, std = self._stats(x.device, self.mean, self.std)
-            x = x.sub_(mean).div_(std)
+        if self._mean_t is not None and self._std_t is not None:
+            x = x.sub_(self._mean_t.to(x.device, torch.float32)).div_(self._std_t.to(x.device, torch.float32))
         return x
 
 

@@ -470,7 +470,8 @@ class BYOL(nn.Module):
             )
         view_one, view_two = self.augment(x)
         if memory_format is not None:  # the augmentations return contiguous (NCHW) views
-            view_one, view_two = view_one.contiguous(memory_format=memory_format), view_two.contiguous(memory_format=memory_format)
+            view_one = view_one.contiguous(memory_format=memory_format)
+            view_two = view_two.contiguous(memory_format=memory_format)
         online_one, online_two = self._encode(self.online_encoder, view_one, view_two)
         pred_one, pred_two = self._predict(online_one, online_two)
         with torch.no_grad():

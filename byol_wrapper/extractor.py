@@ -211,13 +211,10 @@ class HiddenLayerExtractor(nn.Module):
         hook = self._hook
         if hook is None:
             raise RuntimeError("the hidden-layer hook was removed (remove_hook() was called); re-create the BYOL learner")
-        hook.store.clear()
+        # Only this device's entry is touched: nn.DataParallel replicas share the hook across threads.
+        hook.store.pop(x.device, None)
         run(x)
         output = hook.store.pop(x.device, None)
-        if output is None and hook.store:
-            # Some backbones move the input to another device internally.
-            output = hook.store.pop(next(iter(hook.store)))
-        hook.store.clear()
         if output is None:
             raise RuntimeError(
                 f"hidden_layer={self.layer!r} never ran during the forward of {type(self.net).__name__}: "

@@ -24,6 +24,18 @@ class TinyCNN(nn.Module):
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skips ``slow`` tests unless selected with ``-m slow`` (or BYOL_RUN_SLOW=1); ``gpu`` tests without CUDA."""
+    import os
+
+    run_slow = "slow" in (config.getoption("markexpr") or "") or os.environ.get("BYOL_RUN_SLOW") == "1"
+    for item in items:
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(pytest.mark.skip(reason="slow: select with -m slow or BYOL_RUN_SLOW=1"))
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs CUDA"))
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

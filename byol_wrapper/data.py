@@ -1,0 +1,267 @@
+"""Image-folder data loading for pretraining: decode with PIL, resize to a fixed size, skip unreadable files.
+
+The datasets return ``uint8`` tensors ``(C, S, S)`` of one fixed load size so that they batch; the BYOL
+augmentations run later, inside the learner, on the training device. Files that cannot be decoded (corrupt,
+truncated, not an image) are skipped with a warning: the dataset returns ``None`` for them and
+:func:`collate_skip_none` drops the ``None`` entries and returns how many it dropped alongside the batch, so the
+count reaches the main process even when the decoding runs in DataLoader worker processes.
+
+Example:
+    >>> ds = ImageFolderDataset("data/train", load_size=32)            # doctest: +SKIP
+    >>> loader = DataLoader(ds, batch_size=256, collate_fn=collate_skip_none)  # doctest: +SKIP
+    >>> for images, labels, skipped in loader: ...                        # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "EpochSampler",
+    "ImageFolderDataset",
+    "LabelledImageFolder",
+    "collate_pairs",
+    "collate_skip_none",
+    "find_images",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+"""File extensions (case-insensitive) that are treated as images."""
+
+Sample = Optional[tuple[torch.Tensor, int]]
+
+
+def _check_root(root: str | os.PathLike[str], name: str) -> Path:
+    if not isinstance(root, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a path to a folder of images, got {type(root).__name__}")
+    path = Path(root).expanduser()
+    if not path.exists():
+        raise ValueError(f"{name} {str(path)!r} does not exist; pass a folder of images (class subfolders or flat)")
+    if not path.is_dir():
+        raise ValueError(f"{name} {str(path)!r} is not a folder; pass the folder that contains the images")
+    return path
+
+
+def _check_size(load_size: Any) -> int:
+    if isinstance(load_size, bool) or not isinstance(load_size, int) or load_size <= 0:
+        raise ValueError(f"load_size must be a positive int (pixels of the square images returned), got {load_size!r}")
+    return load_size
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def find_images(root: str | os.PathLike[str]) -> list[Path]:
+    """All image files under ``root``, recursively, sorted; hidden files and folders are ignored.
+
+    Args:
+        root: Folder to scan.
+
+    Returns:
+        Sorted paths of the files whose extension is in :data:`IMAGE_EXTENSIONS` (links are followed).
+
+    Raises:
+        TypeError: ``root`` is not a path.
+        ValueError: ``root`` does not exist or is not a folder.
+    """
+    root = _check_root(root, "root")
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(Path(dirpath) / f for f in filenames if not f.startswith(".") and _is_image(f))
+    return sorted(found)
+
+
+def _class_of(root: Path, path: Path) -> str | None:
+    """The top-level subfolder of ``path`` under ``root`` (its class), or ``None`` for a file directly in root."""
+    parts = path.relative_to(root).parts
+    return parts[0] if len(parts) > 1 else None
+
+
+def _load_image(path: Path, load_size: int, mode: str) -> torch.Tensor:
+    from PIL import Image, ImageOps
+    from torchvision.transforms.functional import pil_to_tensor
+
+    with Image.open(path) as img:
+        img.draft(mode, (load_size, load_size))  # JPEG: decode at a reduced scale that is still >= load_size
+        img = img.convert(mode)  # decodes the whole file: truncated or corrupt data raises here
+        img = ImageOps.fit(img, (load_size, load_size), method=getattr(Image, "Resampling", Image).BILINEAR)
+    return pil_to_tensor(img)
+
+
+class ImageFolderDataset(Dataset):
+    """Every image under a folder (ImageFolder tree or flat), as ``uint8`` tensors of one size.
+
+    Images are converted to ``mode`` (RGB by default), resized so the shorter side is ``load_size`` and centre
+    cropped to ``load_size x load_size`` (aspect ratio kept). Labels are the index of the top-level class
+    subfolder (sorted) when there is one, else ``-1``; pretraining ignores them.
+
+    Args:
+        root: Folder scanned recursively for :data:`IMAGE_EXTENSIONS`.
+        load_size: Side of the square uint8 images returned.
+        mode: PIL mode, ``"RGB"`` (3 channels) or ``"L"`` (1 channel).
+        warn: Emit a warning for each unreadable file.
+
+    Raises:
+        TypeError: ``root`` is not a path.
+        ValueError: ``root`` is missing or holds no image, or ``load_size`` is not a positive int.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], load_size: int, *, mode: str = "RGB", warn: bool = True) -> None:
+        self.root = _check_root(root, "root")
+        self.load_size = _check_size(load_size)
+        if mode not in ("RGB", "L"):
+            raise ValueError(f"mode must be 'RGB' or 'L', got {mode!r}")
+        self.mode = mode
+        self.warn = bool(warn)
+        self.files = find_images(self.root)
+        if not self.files:
+            raise ValueError(
+                f"root {str(self.root)!r} contains no image files (extensions {', '.join(IMAGE_EXTENSIONS)}); "
+                "pass a folder of images or class subfolders of images"
+            )
+        tops = [_class_of(self.root, p) for p in self.files]
+        self.classes = sorted({c for c in tops if c is not None})
+        index = {c: i for i, c in enumerate(self.classes)}
+        self.labels = [-1 if c is None else index[c] for c in tops]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> Sample:
+        """``(image, label)`` with a uint8 ``(C, load_size, load_size)`` image, or ``None`` if unreadable."""
+        path = self.files[index]
+        try:
+            image = _load_image(path, self.load_size, self.mode)
+        except Exception as exc:  # noqa: BLE001 - any decoding failure: skip the file, never crash training
+            if self.warn:
+                warnings.warn(f"skipping unreadable image {str(path)!r}: {type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
+            return None
+        return image, self.labels[index]
+
+
+class LabelledImageFolder(ImageFolderDataset):
+    """A labelled ImageFolder tree ``root/<class>/**/image``, for evaluation.
+
+    Args:
+        root: Folder with one subfolder per class.
+        load_size: Side of the square uint8 images returned.
+        classes: Class names to use (the index is the label), e.g. the train split's classes for the test split;
+            defaults to the sorted subfolders that contain images.
+        mode: PIL mode.
+        warn: Emit a warning for each unreadable file.
+
+    Raises:
+        ValueError: ``root`` is missing or empty, holds images outside class subfolders only, or a class
+            subfolder is not in ``classes``.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        load_size: int,
+        *,
+        classes: Sequence[str] | None = None,
+        mode: str = "RGB",
+        warn: bool = True,
+    ) -> None:
+        super().__init__(root, load_size, mode=mode, warn=warn)
+        keep = [(p, c) for p in self.files if (c := _class_of(self.root, p)) is not None]
+        if not keep:
+            raise ValueError(
+                f"root {str(self.root)!r} has no class subfolders with images; a labelled folder must look like "
+                "root/<class>/<image>"
+            )
+        found = sorted({c for _, c in keep})
+        if classes is None:
+            classes = found
+        classes = list(classes)
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise ValueError(f"root {str(self.root)!r} has class folders {unknown} that are not among the train classes {classes}")
+        index = {c: i for i, c in enumerate(classes)}
+        self.classes = classes
+        self.files = [p for p, _ in keep]
+        self.labels = [index[c] for _, c in keep]
+
+
+def collate_skip_none(batch: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Stacks the readable samples of a batch and counts the unreadable ones.
+
+    Args:
+        batch: Samples from :class:`ImageFolderDataset`; ``None`` marks an unreadable file.
+
+    Returns:
+        ``(images, labels, skipped)``: uint8 images ``(B, C, S, S)`` (``B`` may be 0), int64 labels ``(B,)`` and
+        the number of ``None`` samples dropped.
+    """
+    good = [s for s in batch if s is not None]
+    skipped = len(batch) - len(good)
+    if not good:
+        return torch.empty(0, 0, 0, 0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), skipped
+    images = torch.stack([s[0] for s in good])
+    labels = torch.tensor([int(s[1]) for s in good], dtype=torch.int64)
+    return images, labels, skipped
+
+
+def collate_pairs(batch: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like :func:`collate_skip_none` without the count: ``(images, labels)``, for evaluation loaders."""
+    images, labels, _ = collate_skip_none(batch)
+    return images, labels
+
+
+class EpochSampler(Sampler[int]):
+    """Deterministic shuffling per epoch, resumable in the middle of an epoch.
+
+    The order of epoch ``e`` is ``torch.randperm(n)`` drawn from a private generator seeded with
+    ``(seed, e)``, so it never touches (or depends on) the global RNG. :meth:`set_epoch` with ``start`` skips
+    the first ``start`` indices of that order; with ``start`` a multiple of the batch size and
+    ``drop_last=True``, the remaining batches are exactly those the uninterrupted epoch would have produced.
+
+    Args:
+        num_samples: Dataset length.
+        seed: Base seed.
+        shuffle: ``False`` keeps the dataset order.
+
+    Raises:
+        ValueError: ``num_samples`` is not a positive int.
+    """
+
+    def __init__(self, num_samples: int, seed: int = 0, shuffle: bool = True) -> None:
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
+            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        self.num_samples = num_samples
+        self.seed = int(seed)
+        self.shuffle = bool(shuffle)
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Selects the epoch whose order is produced next, and how many of its leading indices to skip."""
+        if start < 0 or start > self.num_samples:
+            raise ValueError(f"start must be in [0, {self.num_samples}], got {start}")
+        self.epoch = int(epoch)
+        self.start = int(start)
+
+    def order(self, epoch: int) -> list[int]:
+        """The full index order of ``epoch``."""
+        if not self.shuffle:
+            return list(range(self.num_samples))
+        gen = torch.Generator()
+        gen.manual_seed((self.seed * 1_000_003 + epoch) % (2**63))
+        return torch.randperm(self.num_samples, generator=gen).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order(self.epoch)[self.start :])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start

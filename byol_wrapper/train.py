@@ -1,0 +1,1105 @@
+"""BYOL pretraining from the command line: ``byol-train`` or ``python -m byol_wrapper.train``.
+
+Example:
+    byol-train --data ~/images --eval-data ~/cifar10 --backbone resnet18 --cifar-stem --image-size 32 \\
+        --batch-size 256 --epochs 200 --out runs/cifar
+
+Re-running the same command with the same ``--out`` resumes from ``OUT/last.pt``. Resuming restores the step
+counter, the position in the epoch (the epoch's shuffled order is recomputed from ``--seed`` and the epoch
+number and the batches already trained are skipped, so the data order is the one of an uninterrupted run),
+the optimizer, the loss scaler and all random number generators; the learning-rate and tau schedules are
+functions of the step counter. See :func:`main` and ``--help`` for the flags.
+
+Outputs in ``OUT``: ``last.pt`` and ``last.prev.pt`` (checkpoints, see :mod:`byol_wrapper.checkpoint`),
+``backbone.pt`` and ``backbone_ema.pt`` (plain ``state_dict`` of the online and of the EMA target backbone, same
+keys; rebuild the module with :func:`build_backbone`), ``metrics.jsonl``, ``metrics.png`` and ``config.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import difflib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ._version import __version__
+from .byol import BYOL
+from .checkpoint import atomic_save, load_latest_checkpoint, remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state
+from .data import EpochSampler, ImageFolderDataset, LabelledImageFolder, collate_pairs, collate_skip_none
+from .optim import OPTIMIZERS, build_optimizer, warmup_cosine_lr
+
+__all__ = ["MODEL_KEYS", "apply_cifar_stem", "build_backbone", "build_parser", "main", "plot_metrics"]
+
+PROG = "byol-train"
+
+BASE_LR = {"lars": 0.2, "sgd": 0.05, "adamw": 1e-3}
+"""Default peak learning rate per 256 images (scaled linearly with ``--batch-size``)."""
+
+DEFAULT_WEIGHT_DECAY = {"lars": 1.5e-6, "sgd": 1e-4, "adamw": 1e-2}
+"""Default weight decay per optimizer (LARS: the paper's 1.5e-6)."""
+
+MODEL_KEYS = (
+    "backbone",
+    "backbone_kwargs",
+    "cifar_stem",
+    "hidden_layer",
+    "projection_size",
+    "projection_hidden_size",
+    "image_size",
+    "optimizer",
+)
+"""Settings that must match the checkpoint when resuming (they change the model or the optimizer state)."""
+
+_EVAL_CACHE_BYTES = 2 * 1024**3
+_PLOT_INTERVAL_S = 60.0
+
+
+class UsageError(ValueError):
+    """Bad command-line input: reported as ``byol-train: error: ...`` with exit status 2."""
+
+
+class _Diverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class _NoEvalData(RuntimeError):
+    """No readable image in an evaluation split."""
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def _hidden_layer(value: str) -> int | str:
+    try:
+        return int(value)
+    except ValueError:
+        return value
+
+
+def _json_dict(value: str) -> dict[str, Any]:
+    try:
+        out = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc}); pass e.g. '{{\"num_classes\": 10}}'") from exc
+    if not isinstance(out, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"num_classes\": 10}'")
+    return out
+
+
+def _positive_int(value: str) -> int:
+    try:
+        out = int(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}") from exc
+    if out <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}")
+    return out
+
+
+def _non_negative_int(value: str) -> int:
+    try:
+        out = int(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value!r}") from exc
+    if out < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value!r}")
+    return out
+
+
+def _non_negative_float(value: str) -> float:
+    try:
+        out = float(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {value!r}") from exc
+    if not math.isfinite(out) or out < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value!r}")
+    return out
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default only when it is a value (not None, False or an empty dict)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or action.default == {}:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``byol-train`` argument parser."""
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="BYOL self-supervised pretraining of a torchvision (or timm) backbone on a folder of images. "
+        "Re-running the same command with the same --out resumes from OUT/last.pt.",
+        formatter_class=_HelpFormatter,
+    )
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--data",
+        metavar="DIR",
+        help="training images: an ImageFolder tree or a flat folder (scanned recursively; labels unused)",
+    )
+    g.add_argument("--eval-data", metavar="DIR", help="labelled DIR/train/<class>/* and DIR/test/<class>/* for the kNN monitor")
+    g.add_argument(
+        "--demo",
+        action="store_true",
+        help="generate a small synthetic data set in OUT/demo_data and use the demo settings",
+    )
+    g.add_argument("--image-size", type=_positive_int, default=224, help="augmented view size (pixels)")
+    g.add_argument(
+        "--load-size",
+        type=_positive_int,
+        default=None,
+        help="decoded image size before augmentation (default: image size, or 8/7 of it above 64 px)",
+    )
+    g.add_argument(
+        "--workers",
+        type=_non_negative_int,
+        default=min(4, os.cpu_count() or 1),
+        help="DataLoader worker processes (default: %(default)s, min(4, CPU count))",
+    )
+    g.add_argument("--out", metavar="DIR", default="runs/byol", help="output folder (checkpoints, backbones, metrics)")
+
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--backbone",
+        default="resnet18",
+        help="torchvision model name (torchvision.models.list_models()), or timm:NAME",
+    )
+    g.add_argument(
+        "--backbone-kwargs",
+        type=_json_dict,
+        default={},
+        metavar="JSON",
+        help="keyword arguments for the model builder",
+    )
+    g.add_argument("--cifar-stem", action="store_true", help="ResNet stem for 32 px images: 3x3 stride-1 conv1, no max-pool")
+    g.add_argument(
+        "--hidden-layer",
+        type=_hidden_layer,
+        default=-2,
+        help="representation layer: module name, or index into the top-level children",
+    )
+    g.add_argument("--projection-size", type=_positive_int, default=256, help="projector/predictor output size")
+    g.add_argument("--projection-hidden-size", type=_positive_int, default=4096, help="projector/predictor hidden size")
+    g.add_argument("--moving-average-decay", type=float, default=0.99, help="base tau of the target EMA (cosine-scheduled to 1)")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=_positive_int, default=256, help="images per optimizer step")
+    g.add_argument("--epochs", type=_positive_int, default=100, help="passes over --data")
+    g.add_argument("--max-steps", type=_positive_int, default=None, help="total optimizer steps (overrides --epochs)")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="lars", help="LARS as in the paper, AdamW or SGD with momentum")
+    g.add_argument(
+        "--lr",
+        type=_non_negative_float,
+        default=None,
+        help="peak learning rate (default: 0.2 LARS, 0.05 SGD, 1e-3 AdamW, times batch-size/256)",
+    )
+    g.add_argument("--final-lr", type=_non_negative_float, default=0.0, help="learning rate at the end of the cosine decay")
+    g.add_argument(
+        "--weight-decay",
+        type=_non_negative_float,
+        default=None,
+        help="weight decay, biases and norm parameters excluded (default: 1.5e-6 LARS, 1e-4 SGD, 1e-2 AdamW)",
+    )
+    g.add_argument("--momentum", type=_non_negative_float, default=0.9, help="LARS/SGD momentum")
+    g.add_argument("--trust-coefficient", type=_non_negative_float, default=1e-3, help="LARS eta")
+    g.add_argument(
+        "--warmup-epochs",
+        type=_non_negative_float,
+        default=None,
+        help="linear warmup length in epochs (default: the paper's 10 epochs, at most a tenth of the training steps)",
+    )
+    g.add_argument(
+        "--warmup-steps",
+        type=_non_negative_int,
+        default=None,
+        help="linear warmup length in steps (overrides --warmup-epochs)",
+    )
+    g.add_argument(
+        "--precision",
+        choices=("32", "bf16", "fp16"),
+        default="32",
+        help="autocast precision (fp16 uses a GradScaler; CUDA only)",
+    )
+
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data order and augmentations")
+    g.add_argument(
+        "--eval-every",
+        type=_non_negative_int,
+        default=1,
+        help="kNN evaluation every N epochs (0: only before and after training)",
+    )
+    g.add_argument("--knn-k", type=_positive_int, default=200, help="neighbours of the kNN monitor")
+    g.add_argument("--knn-temperature", type=float, default=0.1, help="temperature of the kNN neighbour weights")
+    g.add_argument("--eval-batch-size", type=_positive_int, default=256, help="batch size of feature extraction")
+    g.add_argument(
+        "--checkpoint-every",
+        type=_positive_int,
+        default=500,
+        help="write OUT/last.pt every N optimizer steps (and at the end)",
+    )
+    g.add_argument(
+        "--log-every",
+        type=_positive_int,
+        default=10,
+        help="fetch the loss from the device and write metrics every N steps",
+    )
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------- model
+def apply_cifar_stem(model: nn.Module) -> nn.Module:
+    """Replaces a ResNet's stem by a 3x3 stride-1 ``conv1`` and removes its max-pool (for 32 px images).
+
+    Args:
+        model: A ResNet-style model with a ``conv1`` ``nn.Conv2d`` and a ``maxpool`` attribute (modified in
+            place).
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: The model has no ``conv1`` convolution or no ``maxpool``.
+    """
+    conv1 = getattr(model, "conv1", None)
+    if not isinstance(conv1, nn.Conv2d) or not hasattr(model, "maxpool"):
+        raise ValueError(
+            f"--cifar-stem needs a ResNet-style model with a conv1 convolution and a maxpool layer; "
+            f"{type(model).__name__} has none. Drop --cifar-stem for this backbone"
+        )
+    new = nn.Conv2d(conv1.in_channels, conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
+    model.conv1 = new.to(conv1.weight.device, conv1.weight.dtype)
+    model.maxpool = nn.Identity()
+    return model
+
+
+def build_backbone(name: str, *, cifar_stem: bool = False, **kwargs: Any) -> nn.Module:
+    """Creates a randomly initialised backbone by name, as ``byol-train`` does.
+
+    Use it to rebuild the module that ``OUT/backbone.pt`` loads into:
+    ``build_backbone("resnet18", cifar_stem=True).load_state_dict(torch.load("OUT/backbone.pt"))``.
+
+    Args:
+        name: A torchvision model name (``torchvision.models.list_models()``), or ``"timm:NAME"`` for a timm model
+            (a name torchvision does not know is also tried in timm when timm is installed).
+        cifar_stem: Apply :func:`apply_cifar_stem`.
+        **kwargs: Passed to the model builder (e.g. ``num_classes``).
+
+    Returns:
+        The model, with random weights (``weights=None``).
+
+    Raises:
+        TypeError: ``name`` is not a string, or the builder rejects ``kwargs``.
+        ValueError: Unknown name (with the closest torchvision names), timm requested but not installed, or
+            ``cifar_stem`` on a model without a ResNet stem.
+    """
+    import torchvision
+
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"backbone must be a model name such as 'resnet18', got {name!r}")
+    if name.startswith("timm:"):
+        model = _timm_model(name[len("timm:") :], kwargs)
+    else:
+        try:
+            builder = torchvision.models.get_model_builder(name)
+        except ValueError:
+            try:
+                import timm  # noqa: F401
+            except ImportError:
+                close = difflib.get_close_matches(name, torchvision.models.list_models(), n=5)
+                hint = f"; did you mean {', '.join(close)}?" if close else "; see torchvision.models.list_models()"
+                raise ValueError(f"--backbone {name!r} is not a torchvision model (and timm is not installed){hint}") from None
+            model = _timm_model(name, kwargs)
+        else:
+            model = builder(weights=None, **kwargs)
+    if cifar_stem:
+        apply_cifar_stem(model)
+    return model
+
+
+def _timm_model(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    try:
+        import timm
+    except ImportError:
+        raise ValueError(f"--backbone timm:{name} needs timm; install it with `pip install timm`") from None
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except RuntimeError as exc:  # timm raises RuntimeError("Unknown model ...")
+        raise ValueError(f"--backbone {name!r}: {exc}") from exc
+
+
+class _Embedder(nn.Module):
+    """Images in [0, 1] -> the learner's normalised representation (what the kNN monitor sees)."""
+
+    def __init__(self, learner: BYOL) -> None:
+        super().__init__()
+        self.learner = learner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.learner(x, return_embedding=True, return_projection=False)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _resolve_device(spec: str | None) -> torch.device:
+    if spec is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError) as exc:
+        raise UsageError(f"--device {spec!r} is not a torch device; use e.g. cpu, cuda or cuda:1") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {spec} requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def _resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "fp16" and device.type != "cuda":
+        warnings.warn(
+            f"--precision fp16 (with a GradScaler) needs a CUDA device; training in float32 on {device.type} "
+            "(use --precision bf16 for bfloat16 autocast on the CPU)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return "32"
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UsageError("--precision bf16 is not supported by this GPU; use --precision fp16 or 32")
+    return precision
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    if precision == "32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _grad_scaler(device: torch.device) -> Any:
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler(device.type)
+    return torch.cuda.amp.GradScaler()  # torch < 2.3
+
+
+def _default_load_size(image_size: int) -> int:
+    return image_size if image_size <= 64 else int(round(image_size * 8 / 7))
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    records = []
+    if path.exists():
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill
+                if isinstance(rec, dict):
+                    records.append(rec)
+    return records
+
+
+def _truncate_metrics(path: Path, keep_up_to_step: int) -> None:
+    """Keeps the records with ``step <= keep_up_to_step`` (the part of the log the checkpoint covers)."""
+    if not path.exists():
+        return
+    keep = [r for r in _read_metrics(path) if isinstance(r.get("step"), int) and r["step"] <= keep_up_to_step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for rec in keep:
+            f.write(json.dumps(rec) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def plot_metrics(metrics_path: str | os.PathLike[str], png_path: str | os.PathLike[str]) -> bool:
+    """Plots the training loss and kNN accuracy of a ``metrics.jsonl`` against the step.
+
+    Args:
+        metrics_path: The JSON-lines log written by ``byol-train``.
+        png_path: Where to write the PNG.
+
+    Returns:
+        ``True`` if the plot was written, ``False`` (with a warning) if matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        warnings.warn("matplotlib is not installed: skipping metrics.png (pip install matplotlib)", RuntimeWarning, stacklevel=2)
+        return False
+    records = _read_metrics(Path(metrics_path))
+    train = [r for r in records if r.get("event") == "train" and r.get("loss") is not None]
+    evals = [r for r in records if r.get("event") == "eval" and r.get("knn_accuracy") is not None]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    ax = axes[0]
+    if train:
+        steps = [r["step"] for r in train]
+        losses = [r["loss"] for r in train]
+        ax.plot(steps, losses, lw=0.6, alpha=0.4, color="C0", label="loss")
+        window = max(1, len(losses) // 50)
+        if window > 1:
+            smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1]) for i in range(len(losses))]
+            ax.plot(steps, smooth, lw=1.5, color="C0", label=f"loss (mean of {window})")
+        ax.legend()
+    ax.set_xlabel("step")
+    ax.set_ylabel("BYOL loss")
+    ax.set_title("training loss")
+    ax.grid(alpha=0.3)
+    ax = axes[1]
+    if evals:
+        ax.plot([r["step"] for r in evals], [100 * r["knn_accuracy"] for r in evals], "o-", color="C1")
+    else:
+        ax.text(0.5, 0.5, "no evaluation data (--eval-data)", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("step")
+    ax.set_ylabel("kNN top-1 accuracy (%)")
+    ax.set_title("kNN monitor (online backbone)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    png_path = Path(png_path)
+    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+    return True
+
+
+class _NoBar:
+    """Stand-in for tqdm when it is missing or disabled: prints a line per logging window."""
+
+    def __init__(self, total: int, initial: int, enabled: bool) -> None:
+        self.n, self.total, self.enabled = initial, total, enabled
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def set_postfix(self, values: dict[str, str], refresh: bool = True) -> None:
+        if self.enabled:
+            print(f"step {self.n}/{self.total} " + " ".join(f"{k}={v}" for k, v in values.items()), file=sys.stderr)
+
+    def write(self, msg: str, file: Any = None) -> None:
+        print(msg, file=file or sys.stderr)
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, initial: int, disable: bool) -> Any:
+    if disable:
+        return _NoBar(total, initial, enabled=False)
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _NoBar(total, initial, enabled=True)
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGINT/SIGTERM to the main process, which stops at a step boundary."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def _graceful_stop() -> Iterator[dict[str, int]]:
+    """SIGINT/SIGTERM set a flag (the loop saves a checkpoint and stops); a second signal interrupts at once."""
+    flag: dict[str, int] = {}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = {}
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag:
+            raise KeyboardInterrupt
+        flag["signal"] = signum
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except (ValueError, OSError):  # pragma: no cover
+            pass
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+# ---------------------------------------------------------------------------------------------- the run
+class _Trainer:
+    """Holds the state of one ``byol-train`` invocation."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.out = Path(args.out).expanduser()
+        self.device = _resolve_device(args.device)
+        self.precision = _resolve_precision(args.precision, self.device)
+        if args.data is None:
+            raise UsageError("--data DIR is required (a folder of images), or use --demo")
+        self.image_size = args.image_size
+        self.load_size = args.load_size or _default_load_size(args.image_size)
+        if self.load_size < args.image_size:
+            warnings.warn(
+                f"--load-size {self.load_size} is smaller than --image-size {args.image_size}: views are upsampled",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        if not math.isfinite(args.knn_temperature) or args.knn_temperature <= 0:
+            raise UsageError(f"--knn-temperature must be > 0, got {args.knn_temperature}")
+        if not 0.0 <= args.moving_average_decay <= 1.0:
+            raise UsageError(f"--moving-average-decay must be in [0, 1] (e.g. 0.99 or the paper's 0.996), got {args.moving_average_decay}")
+
+        # Data: scan now so that a missing or empty folder fails before anything starts.
+        try:
+            self.dataset = ImageFolderDataset(args.data, self.load_size)
+        except ValueError as exc:
+            raise UsageError(f"--data: {exc}") from exc
+        self.steps_per_epoch = len(self.dataset) // args.batch_size
+        if self.steps_per_epoch == 0:
+            raise UsageError(
+                f"--batch-size {args.batch_size} is larger than the {len(self.dataset)} images in --data "
+                f"{args.data}; lower --batch-size to at most {len(self.dataset)}"
+            )
+        if args.batch_size < 2:
+            raise UsageError("--batch-size must be at least 2 (BatchNorm in the BYOL heads needs batch statistics)")
+        self.eval_sets: tuple[Any, Any] | None = None
+        if args.eval_data is not None:
+            root = Path(args.eval_data).expanduser()
+            try:
+                train = LabelledImageFolder(root / "train", self.image_size)
+                test = LabelledImageFolder(root / "test", self.image_size, classes=train.classes)
+            except ValueError as exc:
+                raise UsageError(f"--eval-data must hold train/<class>/* and test/<class>/* image folders: {exc}") from exc
+            self.eval_sets = (train, test)
+
+        self.total_steps = args.max_steps or args.epochs * self.steps_per_epoch
+        if args.warmup_steps is not None:
+            warmup = args.warmup_steps
+        elif args.warmup_epochs is not None:
+            warmup = int(round(args.warmup_epochs * self.steps_per_epoch))
+        else:
+            warmup = min(10 * self.steps_per_epoch, self.total_steps // 10)
+        if warmup > self.total_steps:
+            warnings.warn(f"warmup ({warmup} steps) is longer than training ({self.total_steps} steps); shortened", RuntimeWarning, stacklevel=2)
+        self.warmup_steps = min(warmup, self.total_steps)
+        self.base_lr = args.lr if args.lr is not None else BASE_LR[args.optimizer] * args.batch_size / 256
+        self.weight_decay = args.weight_decay if args.weight_decay is not None else DEFAULT_WEIGHT_DECAY[args.optimizer]
+        self.config = self._config()
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.out)
+        self.ckpt_path = self.out / "last.pt"
+        self.metrics_path = self.out / "metrics.jsonl"
+        checkpoint, source = load_latest_checkpoint(self.ckpt_path, map_location="cpu")
+        if checkpoint is not None:
+            self._check_compatible(checkpoint.get("config", {}), source)
+        else:
+            self._seed_everything(args.seed)
+
+        # Model, learner, optimizer.
+        try:
+            backbone = build_backbone(args.backbone, cifar_stem=args.cifar_stem, **args.backbone_kwargs)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"--backbone {args.backbone} (--backbone-kwargs {json.dumps(args.backbone_kwargs)}): {exc}") from exc
+        backbone = backbone.to(self.device)
+        try:
+            self.learner = BYOL(
+                backbone,
+                self.image_size,
+                hidden_layer=args.hidden_layer,
+                projection_size=args.projection_size,
+                projection_hidden_size=args.projection_hidden_size,
+                moving_average_decay=args.moving_average_decay,
+                total_steps=self.total_steps,
+            )
+        except ValueError as exc:
+            raise UsageError(f"cannot build the BYOL learner (--backbone {args.backbone}, --hidden-layer {args.hidden_layer}): {exc}") from exc
+        self.optimizer = build_optimizer(
+            args.optimizer,
+            self.learner,
+            lr=self.base_lr,
+            weight_decay=self.weight_decay,
+            momentum=args.momentum,
+            trust_coefficient=args.trust_coefficient,
+        )
+        self.scaler = _grad_scaler(self.device) if self.precision == "fp16" else None
+
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.skipped_total = 0
+        self.elapsed_before = 0.0
+        self.resumed_from: Path | None = None
+        if checkpoint is not None:
+            self._restore(checkpoint)
+            self.resumed_from = source
+        else:
+            self.metrics_path.unlink(missing_ok=True)
+
+        self.sampler = EpochSampler(len(self.dataset), seed=args.seed)
+        loader_gen = torch.Generator()
+        loader_gen.manual_seed(args.seed)
+        self.loader = DataLoader(
+            self.dataset,
+            batch_size=args.batch_size,
+            sampler=self.sampler,
+            num_workers=args.workers,
+            collate_fn=collate_skip_none,
+            pin_memory=self.device.type == "cuda",
+            drop_last=True,
+            persistent_workers=args.workers > 0,
+            generator=loader_gen,  # keeps the global RNG (augmentations) independent of loader creation
+            worker_init_fn=_ignore_stop_signals,
+        )
+        self._eval_cache: dict[str, Any] = {}
+        with open(self.out / "config.json", "w", encoding="utf-8") as f:
+            json.dump(self.config, f, indent=2)
+
+    # ------------------------------------------------------------------ setup helpers
+    def _config(self) -> dict[str, Any]:
+        a = self.args
+        return {
+            "version": __version__,
+            "data": str(a.data),
+            "eval_data": None if a.eval_data is None else str(a.eval_data),
+            "backbone": a.backbone,
+            "backbone_kwargs": a.backbone_kwargs,
+            "cifar_stem": bool(a.cifar_stem),
+            "hidden_layer": a.hidden_layer,
+            "projection_size": a.projection_size,
+            "projection_hidden_size": a.projection_hidden_size,
+            "moving_average_decay": a.moving_average_decay,
+            "image_size": a.image_size,
+            "load_size": self.load_size,
+            "batch_size": a.batch_size,
+            "epochs": a.epochs,
+            "max_steps": a.max_steps,
+            "total_steps": self.total_steps,
+            "steps_per_epoch": self.steps_per_epoch,
+            "warmup_steps": self.warmup_steps,
+            "optimizer": a.optimizer,
+            "lr": self.base_lr,
+            "final_lr": a.final_lr,
+            "weight_decay": self.weight_decay,
+            "momentum": a.momentum,
+            "trust_coefficient": a.trust_coefficient,
+            "precision": self.precision,
+            "seed": a.seed,
+            "device": str(self.device),
+        }
+
+    def _check_compatible(self, saved: dict[str, Any], source: Path | None) -> None:
+        diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {self.config[k]!r}" for k in MODEL_KEYS if saved.get(k) != self.config[k]]
+        if diffs:
+            flags = ", ".join("--" + d.split(":")[0].replace("_", "-") for d in diffs)
+            raise UsageError(
+                f"the checkpoint {source} was trained with different model settings ({'; '.join(diffs)}). "
+                f"Resume with the same {flags}, or start a new run with a different --out"
+            )
+
+    @staticmethod
+    def _seed_everything(seed: int) -> None:
+        random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            import numpy as np
+
+            np.random.seed(seed % 2**32)
+        except ImportError:  # pragma: no cover
+            pass
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        try:
+            self.learner.load_state_dict(ckpt["learner"])
+        except RuntimeError as exc:
+            raise UsageError(f"the checkpoint in {self.out} does not fit the model built from these flags: {exc}") from exc
+        # The schedule follows this command's length and base tau (a longer --max-steps extends training).
+        self.learner.total_steps = self.total_steps
+        self.learner.moving_average_decay = float(self.args.moving_average_decay)
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        for group, settings in zip(self.optimizer.param_groups, fresh):
+            group.update(settings)  # hyper-parameters from this command, state (momentum) from the checkpoint
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.step = int(ckpt["step"])
+        self.epoch = int(ckpt["epoch"])
+        self.batch_in_epoch = int(ckpt["batch_in_epoch"])
+        if self.batch_in_epoch >= self.steps_per_epoch:  # the data set shrank since the checkpoint
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        self.skipped_total = int(ckpt.get("skipped_images", 0))
+        self.elapsed_before = float(ckpt.get("elapsed_s", 0.0))
+        set_rng_state(ckpt["rng"])
+        saved = ckpt.get("config", {})
+        ignore = {*MODEL_KEYS, "version", "total_steps", "epochs", "max_steps", "device", "warmup_steps"}
+        changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in self.config.items() if k not in ignore and k in saved and saved[k] != v]
+        if changed:
+            warnings.warn(f"settings changed since the checkpoint: {', '.join(changed)}", RuntimeWarning, stacklevel=2)
+        old_total = saved.get("total_steps")
+        if old_total is not None and old_total != self.total_steps:
+            warnings.warn(
+                f"training length changed from {old_total} to {self.total_steps} steps: the learning-rate and tau "
+                "schedules continue from the current step on the new length",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        _truncate_metrics(self.metrics_path, self.step)
+
+    # ------------------------------------------------------------------ checkpoints and outputs
+    def _state(self) -> dict[str, Any]:
+        return {
+            "learner": self.learner.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "skipped_images": self.skipped_total,
+            "elapsed_s": self._elapsed(),
+            "rng": rng_state(),
+            "config": self.config,
+        }
+
+    def save(self) -> None:
+        """Writes ``OUT/last.pt`` (previous one kept as ``last.prev.pt``)."""
+        epoch, batch = self.epoch, self.batch_in_epoch
+        if batch >= self.steps_per_epoch:  # end of an epoch: resume at the start of the next one
+            self.epoch, self.batch_in_epoch = epoch + 1, 0
+        start = time.perf_counter()
+        try:
+            save_checkpoint(self._state(), self.ckpt_path)
+        finally:
+            self.epoch, self.batch_in_epoch = epoch, batch
+        self.window_start += time.perf_counter() - start  # images/s measures training only
+
+    def export_backbones(self) -> None:
+        """Writes ``OUT/backbone.pt`` and ``OUT/backbone_ema.pt`` (plain ``state_dict``, CPU tensors)."""
+        cpu = lambda sd: {k: v.detach().cpu() for k, v in sd.items()}  # noqa: E731
+        atomic_save(cpu(self.learner.net.state_dict()), self.out / "backbone.pt")
+        if self.learner.target_encoder is not None:
+            atomic_save(cpu(self.learner.target_encoder.net.state_dict()), self.out / "backbone_ema.pt")
+
+    def _say(self, msg: str) -> None:
+        self.bar.write(msg, file=sys.stderr)
+
+    def _plot(self) -> None:
+        self.last_plot = time.perf_counter()
+        plot_metrics(self.metrics_path, self.out / "metrics.png")
+
+    def _elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.t_start
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self.metrics_file.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_split(self, name: str, dataset: LabelledImageFolder) -> Any:
+        """The split as decoded ``(images, labels)`` tensors (cached), or a DataLoader if it is too large."""
+        if name in self._eval_cache:
+            return self._eval_cache[name]
+        gen = torch.Generator()
+        gen.manual_seed(self.args.seed)
+        loader = DataLoader(
+            dataset,
+            batch_size=self.args.eval_batch_size,
+            num_workers=self.args.workers,
+            collate_fn=collate_pairs,
+            pin_memory=self.device.type == "cuda",
+            generator=gen,  # never draws from the global RNG, so evaluation cannot change the training run
+            worker_init_fn=_ignore_stop_signals,
+        )
+        if len(dataset) * 3 * self.image_size**2 > _EVAL_CACHE_BYTES:
+            return loader  # too big to keep decoded in memory: decode at every evaluation
+        batches = [(x, y) for x, y in loader if x.shape[0]]
+        if not batches:
+            raise _NoEvalData(f"--eval-data {name} split has no readable image")
+        cached = (torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))
+        self._eval_cache[name] = cached
+        return cached
+
+    def evaluate(self) -> None:
+        """kNN accuracy of the online backbone's representation, logged as an ``eval`` record."""
+        if self.eval_sets is None:
+            return
+        from .evaluate import collapse_stats, extract_features, knn_accuracy
+
+        start = time.perf_counter()
+        encoder = _Embedder(self.learner)
+        try:
+            train, test = (self._eval_split(n, d) for n, d in zip(("train", "test"), self.eval_sets))
+        except _NoEvalData as exc:
+            warnings.warn(f"{exc}: kNN evaluation disabled", RuntimeWarning, stacklevel=2)
+            self.eval_sets = None
+            return
+        with _autocast(self.device, self.precision):
+            train_f = extract_features(encoder, train, batch_size=self.args.eval_batch_size, device=self.device)
+            test_f = extract_features(encoder, test, batch_size=self.args.eval_batch_size, device=self.device)
+        acc = knn_accuracy(
+            None,
+            train_f,
+            test_f,
+            k=self.args.knn_k,
+            temperature=self.args.knn_temperature,
+            num_classes=len(self.eval_sets[0].classes),
+        )
+        record: dict[str, Any] = {"event": "eval", "step": self.step, "epoch": self.epoch, "knn_accuracy": acc}
+        if test_f[0].shape[0] >= 2:
+            stats = collapse_stats(test_f[0])
+            record.update(std_ratio=stats["std_ratio"], effective_rank=stats["effective_rank"])
+        seconds = time.perf_counter() - start
+        self.window_start += seconds  # images/s measures training only
+        record.update(eval_seconds=round(seconds, 3), time=round(self._elapsed(), 3))
+        self._log(record)
+        self.metrics_file.flush()
+        self._say(f"step {self.step}: kNN accuracy {100 * acc:.2f}% (k={self.args.knn_k})")
+        if time.perf_counter() - self.last_plot > _PLOT_INTERVAL_S and self.step < self.total_steps:
+            self._plot()  # refreshed during long runs; always written at the end
+
+    # ------------------------------------------------------------------ training
+    def _flush(self) -> None:
+        """Fetches the pending losses in one transfer and writes their per-step records."""
+        if not self.pending:
+            return
+        losses = torch.stack([p["loss"] for p in self.pending]).float().cpu().tolist()
+        now = time.perf_counter()
+        rate = self.window_images / max(now - self.window_start, 1e-9)
+        for p, loss in zip(self.pending, losses):
+            p["loss"] = loss
+            p["images_per_sec"] = round(rate, 2)
+            self._log(p)
+        self.metrics_file.flush()
+        done, self.pending = self.pending, []
+        last = done[-1]
+        self.window_images, self.window_start = 0, now
+        self.bar.set_postfix(
+            {"loss": f"{last['loss']:.4f}", "tau": f"{last['tau']:.5f}", "lr": f"{last['lr']:.3g}", "img/s": f"{rate:.1f}"},
+            refresh=False,
+        )
+        bad = next((p for p in done if not math.isfinite(p["loss"])), None)
+        if bad is not None:
+            raise _Diverged(
+                f"the loss became {bad['loss']} at step {bad['step']}; lower --lr, use --precision 32, or check the "
+                f"data. {self.ckpt_path} still holds the last good checkpoint"
+            )
+
+    def _train_step(self, images: torch.Tensor) -> torch.Tensor:
+        lr = warmup_cosine_lr(self.step, self.total_steps, self.warmup_steps, self.base_lr, self.args.final_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.current_lr, self.current_tau = lr, self.learner.tau
+        images = images.to(self.device, non_blocking=True)
+        with _autocast(self.device, self.precision):
+            loss = self.learner(images)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        self.learner.update_moving_average()
+        self.step += 1
+        return loss.detach()
+
+    def run(self) -> int:
+        """Trains to ``total_steps``; returns the exit status."""
+        args = self.args
+        self.t_start = self.last_plot = time.perf_counter()
+        self.pending: list[dict[str, Any]] = []
+        self.window_images, self.window_start = 0, time.perf_counter()
+        self.bar = _progress_bar(self.total_steps, self.step, args.no_progress)
+        if self.resumed_from is not None:
+            self._say(
+                f"resuming from {self.resumed_from} at step {self.step}/{self.total_steps} "
+                f"(epoch {self.epoch}, batch {self.batch_in_epoch}/{self.steps_per_epoch})"
+            )
+        self.metrics_file = open(self.metrics_path, "a", encoding="utf-8")
+        try:
+            with _graceful_stop() as stop:
+                return self._loop(stop)
+        except _Diverged as exc:
+            self._say(f"{PROG}: error: {exc}")
+            return 1
+        finally:
+            self.bar.close()
+            self.metrics_file.close()
+
+    def _loop(self, stop: dict[str, int]) -> int:
+        args = self.args
+        self.learner.train()
+        if self.step == 0 and self.resumed_from is None:
+            self.evaluate()  # the randomly initialised backbone, logged as step 0
+        while self.step < self.total_steps:
+            self.sampler.set_epoch(self.epoch, self.batch_in_epoch * args.batch_size)
+            skipped_epoch, step_at_start = 0, self.step
+            for images, _, skipped in self.loader:
+                self.batch_in_epoch += 1
+                skipped_epoch += skipped
+                self.skipped_total += skipped
+                stepped = images.shape[0] >= 2  # fewer readable images than BatchNorm needs: skip the batch
+                if stepped:
+                    loss = self._train_step(images)
+                    self.pending.append(
+                        {
+                            "event": "train",
+                            "step": self.step,
+                            "epoch": self.epoch,
+                            "loss": loss,
+                            "tau": self.current_tau,
+                            "lr": self.current_lr,
+                            "time": round(self._elapsed(), 3),
+                            "skipped_images": self.skipped_total,
+                        }
+                    )
+                    self.window_images += images.shape[0]
+                    self.bar.update(1)
+                    if len(self.pending) >= args.log_every:
+                        self._flush()
+                end_of_epoch = self.batch_in_epoch >= self.steps_per_epoch
+                done = self.step >= self.total_steps
+                if end_of_epoch and skipped_epoch:
+                    warnings.warn(
+                        f"skipped {skipped_epoch} unreadable image(s) in epoch {self.epoch} "
+                        f"({self.skipped_total} in total); see the warnings above for the files",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                if end_of_epoch or done:
+                    self._flush()
+                    if done or (args.eval_every and (self.epoch + 1) % args.eval_every == 0):
+                        self.evaluate()
+                if done or stop or (stepped and self.step % args.checkpoint_every == 0):
+                    self._flush()
+                    self.save()
+                if done:
+                    break
+                if stop:
+                    sig = stop["signal"]
+                    self._plot()
+                    self._say(f"stopped by signal {sig} at step {self.step}; checkpoint saved to {self.ckpt_path}")
+                    return 128 + sig
+            if self.step == step_at_start:
+                self._say(f"{PROG}: error: no batch with at least 2 readable images in epoch {self.epoch}; check --data")
+                return 1
+            if self.batch_in_epoch >= self.steps_per_epoch:
+                self.epoch += 1
+                self.batch_in_epoch = 0
+        self._finish()
+        return 0
+
+    def _finish(self) -> None:
+        self._flush()
+        self.export_backbones()
+        self._plot()
+        msg = f"done: {self.step} steps; backbones in {self.out / 'backbone.pt'} and {self.out / 'backbone_ema.pt'}"
+        if self.skipped_total:
+            msg += f"; {self.skipped_total} unreadable image(s) skipped"
+        self._say(msg)
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+def _demo_argv(config: dict[str, Any], parser: argparse.ArgumentParser) -> list[str]:
+    """``DEMO_CONFIG`` as command-line flags, so that they are validated like the user's own."""
+    options = {a.dest: a for a in parser._actions if a.option_strings}  # noqa: SLF001
+    argv: list[str] = []
+    for key, value in config.items():
+        dest = key.replace("-", "_")
+        action = options.get(dest)
+        if action is None or dest in ("data", "eval_data", "demo", "help", "version") or value is None:
+            continue  # settings for the data generator, or not flags of this command
+        flag = action.option_strings[-1]
+        if isinstance(action, argparse._StoreTrueAction):  # noqa: SLF001
+            if value:
+                argv.append(flag)
+        else:
+            argv += [flag, json.dumps(value) if isinstance(value, (dict, list)) else str(value)]
+    return argv
+
+
+def _apply_demo(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Re-parses with the demo settings before the user's flags (which win), and points the data at the demo set."""
+    try:
+        from . import demo
+    except ImportError as exc:
+        raise UsageError(f"--demo needs byol_wrapper.demo, which cannot be imported: {exc}") from exc
+    try:
+        args = parser.parse_args(_demo_argv(dict(getattr(demo, "DEMO_CONFIG", {})), parser) + argv)
+    except SystemExit as exc:
+        raise UsageError(f"byol_wrapper.demo.DEMO_CONFIG holds an invalid setting (see above): exit {exc.code}") from exc
+    if args.data is None or args.eval_data is None:
+        root = Path(args.out).expanduser() / "demo_data"
+        marker = root / ".complete"
+        if not marker.exists():  # generate once; a resumed demo run reuses the same images
+            root = Path(demo.generate_demo_dataset(root, seed=args.seed))
+            (root / ".complete").touch()
+        if args.data is None:
+            args.data = str(root / "train")
+        if args.eval_data is None:
+            args.eval_data = str(root)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs ``byol-train``.
+
+    Args:
+        argv: Command-line arguments without the program name (default: ``sys.argv[1:]``).
+
+    Returns:
+        Exit status: 0 done, 1 the loss diverged, 2 bad command line or data (message on stderr),
+        128 + signal number when stopped by SIGINT/SIGTERM after saving a checkpoint.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version or a parse error (already printed)
+        return int(exc.code or 0)
+    try:
+        if args.demo:
+            args = _apply_demo(args, parser, argv)
+        trainer = _Trainer(args)
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    if trainer.step >= trainer.total_steps:
+        trainer.export_backbones()
+        if not (trainer.out / "metrics.png").exists():
+            plot_metrics(trainer.metrics_path, trainer.out / "metrics.png")
+        print(
+            f"training in {trainer.out} is already complete ({trainer.step}/{trainer.total_steps} steps); "
+            "backbones re-exported. Raise --epochs or --max-steps to train longer",
+            file=sys.stderr,
+        )
+        return 0
+    try:
+        return trainer.run()
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once
+        print(f"{PROG}: interrupted; resume from the last checkpoint in {trainer.out} by re-running the command", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Fine-tune (or linearly evaluate) a BYOL-pretrained ResNet-18 on a labelled ImageFolder.
+
+Loads ``backbone.pt`` -- the plain ResNet-18 ``state_dict`` written by ``byol-train`` or ``examples/cifar10.py``
+-- into a classifier (the ResNet-18 with a new ``fc``) and trains it on ``DATA/train/<class>/*``, then reports
+the top-1 accuracy on ``DATA/test/<class>/*``. The stem is read from the weights: a 3x3 ``conv1`` gives the
+CIFAR stem (stride-1 conv, no max-pool), a 7x7 one the ImageNet stem. Inputs get the ImageNet normalisation
+that BYOL's embeddings were trained with.
+
+Modes:
+
+* ``--mode finetune`` (default): the whole network is trained; SGD (momentum 0.9, Nesterov), cosine lr,
+  per-sample random crop (padding 1/8 of the side, reflect) and horizontal flip on the device.
+* ``--mode linear``: the backbone is frozen (eval mode) and a linear classifier is trained on its cached,
+  standardised features (``byol_wrapper.evaluate.linear_probe``: no augmentation, a few seconds per epoch).
+
+Images are decoded once into uint8 tensors and cached in ``--cache`` (the loader of ``examples/cifar10.py``), so
+this suits small data sets (CIFAR-sized). Runs on CPU.
+
+Usage::
+
+    python examples/cifar10.py --data /tmp/cifar10 --out runs/byol --epochs 200
+    python examples/finetune.py --backbone runs/byol/backbone.pt --data /tmp/cifar10 --epochs 30
+    python examples/finetune.py --backbone runs/byol/backbone.pt --data /tmp/cifar10 --mode linear --epochs 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+from torch.nn import functional as F
+
+try:
+    import byol_wrapper  # noqa: F401
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import kornia.augmentation as K  # noqa: E402
+
+from byol_wrapper import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from byol_wrapper.evaluate import linear_probe  # noqa: E402
+from byol_wrapper.optim import warmup_cosine_lr  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cifar10 import load_image_folder, pick_device  # noqa: E402  (the cached uint8 loader)
+
+_PREFIXES = ("module.", "_orig_mod.")  # DDP / torch.compile wrappers
+
+
+def load_backbone(path: str | os.PathLike[str], num_classes: int) -> nn.Module:
+    """A ResNet-18 with the weights of ``path`` and a new ``num_classes``-way ``fc``.
+
+    Raises:
+        SystemExit: the file is not a ResNet-18 ``state_dict`` (missing or unexpected keys are listed).
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise SystemExit(f"{path} holds a {type(state).__name__}, not a state_dict; save resnet.state_dict()")
+    for prefix in _PREFIXES:
+        state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+    if "conv1.weight" not in state:
+        raise SystemExit(f"{path} is not a plain ResNet-18 state_dict (no conv1.weight); save resnet.state_dict()")
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the pretraining head, if any, is replaced
+    net = torchvision.models.resnet18(num_classes=num_classes)
+    if state["conv1.weight"].shape[-1] == 3:  # CIFAR stem
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise SystemExit(f"{path} does not match a ResNet-18: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return net
+
+
+class Normalize(nn.Module):
+    """uint8 or [0, 1] images -> ImageNet-normalised float, as BYOL's embeddings saw them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+        return (x - self.mean) / self.std
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int = 512) -> float:
+    model.eval()
+    correct = sum(int((model(x[i:i + batch_size].to(device)).argmax(1).cpu() == y[i:i + batch_size]).sum())
+                  for i in range(0, len(x), batch_size))
+    return correct / len(x)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--backbone", required=True, help="backbone.pt: a plain ResNet-18 state_dict")
+    p.add_argument("--data", required=True, help="folder with train/<class>/* and test/<class>/*")
+    p.add_argument("--mode", choices=("finetune", "linear"), default="finetune")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=None, help="default: 0.05 x batch/256 (finetune), 0.1 (linear)")
+    p.add_argument("--weight-decay", type=float, default=None, help="default: 5e-4 (finetune), 0 (linear)")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--cache", default="/tmp", help="folder for the decoded uint8 tensor cache ('none' to disable)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="optional folder for classifier.pt (finetune) and results.json")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.epochs <= 0 or args.batch_size <= 0:
+        p.error("--epochs and --batch-size must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    data = load_image_folder(args.data, args.image_size, None if args.cache.lower() == "none" else args.cache, args.workers)
+    train_x, train_y, test_x, test_y = data["train_x"], data["train_y"], data["test_x"], data["test_y"]
+    num_classes = len(data["classes"])
+    net = load_backbone(args.backbone, num_classes)
+    t0 = time.perf_counter()
+
+    if args.mode == "linear":
+        net.fc = nn.Identity()
+        encoder = nn.Sequential(Normalize(), net).to(device)
+        res = linear_probe(encoder, (train_x, train_y), (test_x, test_y), epochs=args.epochs, lr=args.lr or 0.1,
+                           weight_decay=args.weight_decay or 0.0, batch_size=args.batch_size, device=device,
+                           num_classes=num_classes, seed=args.seed)
+        train_acc, test_acc = res["train_accuracy"], res["test_accuracy"]
+    else:
+        model = nn.Sequential(Normalize(), net).to(device)
+        side = args.image_size
+        augment = nn.Sequential(K.RandomCrop((side, side), padding=max(1, side // 8), padding_mode="reflect"),
+                                K.RandomHorizontalFlip())
+        lr = (args.lr if args.lr is not None else 0.05) * args.batch_size / 256
+        wd = args.weight_decay if args.weight_decay is not None else 5e-4
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=wd)
+        steps_per_epoch = -(-len(train_x) // args.batch_size)
+        total, step = args.epochs * steps_per_epoch, 0
+        for epoch in range(args.epochs):
+            model.train()
+            perm = torch.randperm(len(train_x))
+            loss_sum = correct = 0.0
+            for i in range(steps_per_epoch):
+                idx = perm[i * args.batch_size:(i + 1) * args.batch_size]
+                if len(idx) < 2:  # BatchNorm needs 2 samples
+                    continue
+                x = augment(train_x[idx].to(device).float() / 255)
+                y = train_y[idx].to(device)
+                for group in opt.param_groups:
+                    group["lr"] = warmup_cosine_lr(step, total, 0, lr)
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                loss_sum += float(loss) * len(idx)
+                correct += float((logits.argmax(1) == y).sum())
+            print(f"epoch {epoch + 1}/{args.epochs}: loss {loss_sum / len(train_x):.4f}, "
+                  f"train top-1 (augmented) {100 * correct / len(train_x):.2f}%", flush=True)
+        train_acc = accuracy(model, train_x, train_y, device)
+        test_acc = accuracy(model, test_x, test_y, device)
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            torch.save(net.state_dict(), Path(args.out) / "classifier.pt")
+
+    results = {"mode": args.mode, "epochs": args.epochs, "train_top1": train_acc, "test_top1": test_acc,
+               "seconds": round(time.perf_counter() - t0, 1), "classes": data["classes"], "args": vars(args)}
+    print(f"{args.mode}: train top-1 {100 * train_acc:.2f}%, test top-1 {100 * test_acc:.2f}% "
+          f"({len(train_x)} train / {len(test_x)} test images, {num_classes} classes, {results['seconds']:.0f} s)")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
