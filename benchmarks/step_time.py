@@ -153,10 +153,9 @@ def identity(x: torch.Tensor) -> torch.Tensor:
 def paper_views_as_functions(image_size: int) -> dict:
     """byol_wrapper's two views as plain functions for byol-pytorch's ``augment_fn`` / ``augment_fn2``.
 
-    Plain functions, not the ``BYOLView`` modules themselves: byol-pytorch would register modules as submodules
-    and its constructor's ``self.to(device)`` would then hit ``BYOLView._apply`` (byol_wrapper 0.1.0 names its
-    transform ``_apply``, shadowing ``nn.Module._apply``). The views hold no parameters or buffers, so nothing
-    needs moving.
+    Plain functions, not the ``BYOLView`` modules themselves, so that byol-pytorch does not register them as its
+    submodules (early byol_wrapper versions named the view's transform ``_apply``, shadowing ``nn.Module._apply``,
+    so its constructor's ``self.to(device)`` raised). The views hold no parameters or buffers: nothing to move.
     """
     v1, v2 = byol_views(image_size)
     return dict(augment_fn=lambda x: v1(x), augment_fn2=lambda x: v2(x))
@@ -209,8 +208,7 @@ def build_configs(args: argparse.Namespace, device: torch.device, x: torch.Tenso
             ours_kw = theirs_kw = dict(augment_fn=identity, augment_fn2=identity)
         theirs_name = "byol-pytorch"
         for concat in (False, True):
-            # No .to(device) on the learner: the backbone is already there and the heads are built on its device
-            # (and byol_wrapper 0.1.0's BYOLView._apply shadows nn.Module._apply, so learner.to() raises).
+            # No .to(device) needed: the backbone is already there and the heads are built on its device.
             learner = BYOL(backbone(), args.image_size, concat_views=concat, **common, **ours_kw)
             label = "byol_wrapper" + (" concat_views=True" if concat else " (default)")
             bn = "one batch (2B)" if concat else "per view (B, B)"

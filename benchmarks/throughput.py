@@ -427,7 +427,8 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
         state.clear()
         worker_peak = maxrss_bytes(resource.RUSAGE_CHILDREN)
         if worker_peak:
-            result["notes"].append(f"largest DataLoader worker peak RSS {worker_peak / 2**20:.0f} MiB (not in the column)")
+            result["notes"].append(f"largest DataLoader worker peak RSS {worker_peak / 2**20:.0f} MiB, pages shared with the "
+                                  f"main process after fork included (not in the column)")
     return result
 
 

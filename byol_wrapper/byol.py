@@ -17,10 +17,10 @@ from torch import nn
 from torch.func import functional_call
 
 from .augmentations import IMAGENET_MEAN, IMAGENET_STD, byol_views, to_float_image
-from .extractor import HiddenLayerExtractor, LayerSpec, TokenPool
+from .extractor import HiddenLayerExtractor, LayerSpec, TokenPool, preserved_state
 from .heads import MLP, SimSiamMLP
 from .loss import symmetric_loss
-from .momentum import BUFFER_POLICIES, BufferPolicy, copy_weights_, cosine_tau, ema_update_
+from .momentum import BUFFER_POLICIES, BufferPolicy, EMAPlan, apply_ema_, copy_weights_, cosine_tau, make_ema_plan
 
 __all__ = ["BYOL", "NetWrapper"]
 
@@ -236,6 +236,7 @@ class BYOL(nn.Module):
         self.buffer_policy = buffer_policy
         self.concat_views = bool(concat_views)
         self._step = 0
+        self._ema_plan: EMAPlan | None = None
 
         # Augmentations: built-in per-sample views, or the user's callables.
         self.custom_augment = augment_fn is not None or augment_fn2 is not None
@@ -287,20 +288,8 @@ class BYOL(nn.Module):
                 return self._run_probe(lambda inp: functional_call(net, state, (inp,), tie_weights=True), x)
         except Exception:  # noqa: BLE001 - meta unsupported by some op; fall back to a guarded real pass
             pass
-        device = _module_device(net)
-        flags = {m: m.training for m in net.modules()}
-        saved = {name: b.detach().clone() for name, b in net.named_buffers()}
-        try:
-            net.eval()
-            with torch.no_grad():
-                return self._run_probe(net, torch.zeros(2, self.channels, h, w, dtype=dtype, device=device))
-        finally:
-            for m, flag in flags.items():
-                m.training = flag
-            with torch.no_grad():
-                for name, b in net.named_buffers():
-                    if name in saved:
-                        b.copy_(saved[name])
+        with preserved_state(net), torch.no_grad():
+            return self._run_probe(net, torch.zeros(2, self.channels, h, w, dtype=dtype, device=_module_device(net)))
 
     def _run_probe(self, run: Callable[[torch.Tensor], Any], x: torch.Tensor) -> int:
         return int(self.online_encoder.get_representation(x, run).shape[-1])
@@ -339,8 +328,15 @@ class BYOL(nn.Module):
                 "update_moving_average() needs a target network, but this learner was built with use_momentum=False "
                 "(SimSiam variant); do not call it, or build the learner with use_momentum=True"
             )
-        ema_update_(self.target_encoder, self.online_encoder, self.tau, self.buffer_policy)
+        if self._ema_plan is None:
+            self._ema_plan = make_ema_plan(self.target_encoder, self.online_encoder, self.buffer_policy)
+        apply_ema_(self._ema_plan, self.tau)
         self._step += 1
+
+    def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> "BYOL":
+        # .to()/.cuda()/.half() replace buffer tensors: drop the cached EMA plan.
+        self._ema_plan = None
+        return super()._apply(fn, *args, **kwargs)
 
     def reset_moving_average(self) -> None:
         """Copies the online encoder into the target (parameters and buffers); the tau schedule step is kept."""

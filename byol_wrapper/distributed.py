@@ -29,6 +29,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .byol import BYOL
+from .extractor import preserved_state
 
 __all__ = ["params_to_ignore", "unused_parameters", "unwrap", "update_moving_average"]
 
@@ -126,22 +127,11 @@ def unused_parameters(learner: BYOL) -> list[str]:
 def _real_pass_grads(learner: BYOL, params: list[torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
     net = learner.net
     first = next(iter(net.parameters()))
-    flags = {m: m.training for m in net.modules()}
-    saved = {name: b.detach().clone() for name, b in net.named_buffers()}
     h, w = learner.image_size
-    try:
-        net.eval()
-        with torch.enable_grad():
-            x = torch.zeros(2, learner.channels, h, w, dtype=first.dtype, device=first.device)
-            rep = learner.online_encoder.get_representation(x)
-            return torch.autograd.grad(rep.sum(), params, allow_unused=True)
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
-        with torch.no_grad():
-            for name, b in net.named_buffers():
-                if name in saved:
-                    b.copy_(saved[name])
+    with preserved_state(net), torch.enable_grad():
+        x = torch.zeros(2, learner.channels, h, w, dtype=first.dtype, device=first.device)
+        rep = learner.online_encoder.get_representation(x)
+        return torch.autograd.grad(rep.sum(), params, allow_unused=True)
 
 
 def params_to_ignore(module: nn.Module) -> list[str]:

@@ -9,16 +9,17 @@ re-wrapping the same backbone never leaves stale hooks behind.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Literal, Union
 
 import torch
 from torch import nn
 
-__all__ = ["HiddenLayerExtractor", "LayerSpec", "pool_features", "resolve_layer"]
+__all__ = ["HiddenLayerExtractor", "LayerSpec", "pool_features", "preserved_state", "resolve_layer"]
 
 LayerSpec = Union[str, int]
 TokenPool = Literal["cls", "mean"]
@@ -108,6 +109,27 @@ def pool_features(features: torch.Tensor | tuple | list, token_pool: TokenPool =
         f"the hooked layer returned a {features.ndim}-D tensor of shape {tuple(features.shape)}; "
         f"expected (B, D), (B, T, D) or (B, C, H, W): hook another layer"
     )
+
+
+@contextlib.contextmanager
+def preserved_state(net: nn.Module) -> Iterator[nn.Module]:
+    """Runs a block with ``net`` in eval mode, then restores every module's training flag and every buffer.
+
+    Used for the rare real forward passes the library makes on a user's backbone (probing sizes when the
+    ``meta`` device is not supported), so that no BatchNorm statistic, ``num_batches_tracked`` or flag changes.
+    """
+    flags = {m: m.training for m in net.modules()}
+    saved = {name: b.detach().clone() for name, b in net.named_buffers()}
+    try:
+        net.eval()
+        yield net
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+        with torch.no_grad():
+            for name, b in net.named_buffers():
+                if name in saved:
+                    b.copy_(saved[name])
 
 
 class _FeatureHook:

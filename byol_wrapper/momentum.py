@@ -8,12 +8,13 @@ and is increased to one during training", with ``tau = 1 - (1 - tau_base) (cos(p
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import nn
 
-__all__ = ["BufferPolicy", "cosine_tau", "ema_update_", "copy_weights_"]
+__all__ = ["BufferPolicy", "EMAPlan", "apply_ema_", "copy_weights_", "cosine_tau", "ema_update_", "make_ema_plan"]
 
 BufferPolicy = Literal["ema", "copy", "none"]
 BUFFER_POLICIES = ("ema", "copy", "none")
@@ -47,13 +48,60 @@ def _pairs(target: nn.Module, online: nn.Module, kind: str) -> tuple[list[torch.
     return t, o
 
 
+@dataclass
+class EMAPlan:
+    """The tensor lists of one EMA update, built once (walking two module trees costs more than the update).
+
+    Attributes:
+        lerp_target: Target tensors moved by ``lerp`` (parameters, and floating buffers under ``"ema"``).
+        lerp_online: The matching online tensors.
+        copy_target: Target buffers copied from the online network.
+        copy_online: The matching online buffers.
+    """
+
+    lerp_target: list[torch.Tensor] = field(default_factory=list)
+    lerp_online: list[torch.Tensor] = field(default_factory=list)
+    copy_target: list[torch.Tensor] = field(default_factory=list)
+    copy_online: list[torch.Tensor] = field(default_factory=list)
+
+
+def make_ema_plan(target: nn.Module, online: nn.Module, buffers: BufferPolicy = "ema") -> EMAPlan:
+    """Pairs the tensors of ``target`` and ``online`` for :func:`apply_ema_`, following the buffer policy.
+
+    The plan holds references: rebuild it when tensors are replaced (``module.to(...)`` replaces buffers).
+
+    Raises:
+        RuntimeError: the two networks have different structures.
+    """
+    plan = EMAPlan(*_pairs(target, online, "parameters"))
+    if buffers == "none":
+        return plan
+    for t_, o_ in zip(*_pairs(target, online, "buffers")):
+        if buffers == "ema" and t_.is_floating_point():
+            plan.lerp_target.append(t_)
+            plan.lerp_online.append(o_)
+        else:
+            plan.copy_target.append(t_)
+            plan.copy_online.append(o_)
+    return plan
+
+
 @torch.no_grad()
+def apply_ema_(plan: EMAPlan, tau: float) -> None:
+    """One fused ``torch._foreach_lerp_`` (weight ``1 - tau``) and one ``torch._foreach_copy_`` over the plan."""
+    if tau < 1.0 and plan.lerp_target:
+        torch._foreach_lerp_(plan.lerp_target, plan.lerp_online, 1.0 - tau)
+    if plan.copy_target:
+        torch._foreach_copy_(plan.copy_target, plan.copy_online)
+
+
 def ema_update_(target: nn.Module, online: nn.Module, tau: float, buffers: BufferPolicy = "ema") -> None:
     """``target = tau * target + (1 - tau) * online`` for all parameters in one fused ``torch._foreach_lerp_``.
 
     Buffers follow ``buffers``: ``"ema"`` lerps floating-point buffers (BatchNorm running mean/var) with the same
     tau and copies integer ones (``num_batches_tracked``); ``"copy"`` copies all buffers from the online network;
-    ``"none"`` leaves target buffers to evolve on their own.
+    ``"none"`` leaves target buffers to evolve on their own. (The learner caches the plan; see
+    :func:`make_ema_plan`.)
 
     Args:
         target: The EMA network (same structure as ``online``).
@@ -61,24 +109,7 @@ def ema_update_(target: nn.Module, online: nn.Module, tau: float, buffers: Buffe
         tau: Decay in ``[0, 1]``; 1 keeps the target unchanged.
         buffers: The buffer policy.
     """
-    if tau < 1.0:
-        t, o = _pairs(target, online, "parameters")
-        if t:
-            torch._foreach_lerp_(t, o, 1.0 - tau)
-    if buffers == "none":
-        return
-    lerp_t, lerp_o, copy_t, copy_o = [], [], [], []
-    for t_, o_ in zip(*_pairs(target, online, "buffers")):
-        if buffers == "ema" and t_.is_floating_point():
-            lerp_t.append(t_)
-            lerp_o.append(o_)
-        else:
-            copy_t.append(t_)
-            copy_o.append(o_)
-    if lerp_t and tau < 1.0:
-        torch._foreach_lerp_(lerp_t, lerp_o, 1.0 - tau)
-    if copy_t:
-        torch._foreach_copy_(copy_t, copy_o)
+    apply_ema_(make_ema_plan(target, online, buffers), tau)
 
 
 @torch.no_grad()

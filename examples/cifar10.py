@@ -208,7 +208,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("performance")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding processes (first run only)")
-    g.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads")
+    g.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="torch CPU threads; on a machine shared with other jobs, 1 can be several times faster")
     g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="autocast dtype; auto: bf16 on CUDA if supported, else fp32")
     g.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convs on GPUs, and on CPUs via oneDNN)")
@@ -247,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Data: decoded once, cached; training batches are index slices of one uint8 tensor on the device.
     data = load_image_folder(args.data, args.image_size, None if args.cache.lower() == "none" else args.cache, args.workers)
-    train_x, train_y = data["train_x"], data["train_y"]
+    train_x = data["train_x"]
     n_train = len(train_x)
     if n_train < max(2, batch_size):
         raise SystemExit(f"batch size {batch_size} is larger than the {n_train} training images; pass a smaller --batch-size")

@@ -334,3 +334,17 @@ def test_state_dict_round_trip_into_fresh_learner(tiny_cnn):
     for a, b in zip(learner(x, return_embedding=True), fresh(x, return_embedding=True)):
         assert torch.equal(a, b)
     assert torch.equal(learner.target_encoder(x)[0], fresh.target_encoder(x)[0])
+
+
+def test_to_and_casts_work_and_ema_follows_replaced_tensors(tiny_cnn):
+    learner = BYOL(tiny_cnn, image_size=8, hidden_layer="pool", moving_average_decay=0.0, **SMALL_HEADS)
+    learner.update_moving_average()  # builds the cached EMA plan
+    learner.to("cpu").double().float()  # the casts replace every buffer tensor
+    assert learner.augment1._mean_t.dtype == torch.float32
+    learner(torch.rand(4, 3, 8, 8))  # moves the online BatchNorm statistics
+    with torch.no_grad():
+        for p in learner.online_encoder.parameters():
+            p.add_(1.0)
+    learner.update_moving_average()  # tau = 0: the target must equal the online network, buffers included
+    for (name, a), b in zip(learner.target_encoder.state_dict().items(), learner.online_encoder.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)

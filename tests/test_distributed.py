@@ -23,15 +23,6 @@ from .conftest import SMALL_HEADS, TinyCNN
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spinning against other processes on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make(net: nn.Module | None = None, **kwargs) -> BYOL:
     kwargs.setdefault("hidden_layer", "pool")
     return BYOL(net if net is not None else TinyCNN(), 16, **SMALL_HEADS, **kwargs)

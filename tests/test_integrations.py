@@ -12,16 +12,6 @@ import torch
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spinning against other processes on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-
 def load_example(name: str):
     spec = importlib.util.spec_from_file_location(f"byol_example_{name}", EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)

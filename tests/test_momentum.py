@@ -77,3 +77,17 @@ def test_cosine_schedule_values():
     assert cosine_tau(10**6, None, 0.99) == 0.99
     taus = [cosine_tau(k, 20, 0.99) for k in range(21)]
     assert all(a <= b for a, b in zip(taus, taus[1:]))
+
+
+def test_plan_is_reusable_and_matches_one_shot_update():
+    from byol_wrapper.momentum import apply_ema_, make_ema_plan
+
+    online, target = _pair()
+    twin = copy.deepcopy(target)
+    plan = make_ema_plan(target, online, "ema")
+    assert len(plan.copy_target) == 1  # num_batches_tracked
+    for _ in range(3):
+        apply_ema_(plan, 0.8)
+        ema_update_(twin, online, 0.8, "ema")
+    for a, b in zip(target.state_dict().values(), twin.state_dict().values()):
+        torch.testing.assert_close(a, b)

@@ -15,15 +15,6 @@ from .conftest import SMALL_HEADS, TinyCNN
 CL = torch.channels_last
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spinning against other processes on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
