@@ -42,14 +42,18 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import kornia.augmentation as K  # noqa: E402
+import kornia.augmentation as K
 
-from byol_wrapper import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from byol_wrapper.evaluate import linear_probe  # noqa: E402
-from byol_wrapper.optim import warmup_cosine_lr  # noqa: E402
+from byol_wrapper import IMAGENET_MEAN, IMAGENET_STD
+from byol_wrapper.evaluate import linear_probe
+from byol_wrapper.optim import warmup_cosine_lr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cifar10 import load_image_folder, pick_device  # noqa: E402  (the cached uint8 loader)
+from cifar10 import (  # the cached uint8 loader of the pretraining example
+    load_image_folder,
+    pick_device,
+    subset,
+)
 
 _PREFIXES = ("module.", "_orig_mod.")  # DDP / torch.compile wrappers
 
@@ -64,7 +68,7 @@ def load_backbone(path: str | os.PathLike[str], num_classes: int) -> nn.Module:
     if not isinstance(state, dict):
         raise SystemExit(f"{path} holds a {type(state).__name__}, not a state_dict; save resnet.state_dict()")
     for prefix in _PREFIXES:
-        state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+        state = {k.removeprefix(prefix): v for k, v in state.items()}
     if "conv1.weight" not in state:
         raise SystemExit(f"{path} is not a plain ResNet-18 state_dict (no conv1.weight); save resnet.state_dict()")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the pretraining head, if any, is replaced
@@ -110,6 +114,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None, help="default: 0.05 x batch/256 (finetune), 0.1 (linear)")
     p.add_argument("--weight-decay", type=float, default=None, help="default: 5e-4 (finetune), 0 (linear)")
     p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--train-subset", type=int, default=0, help="use a fixed random subset of N train images (0: all)")
+    p.add_argument("--test-subset", type=int, default=0, help="evaluate on N test images (0: all)")
     p.add_argument("--cache", default="/tmp", help="folder for the decoded uint8 tensor cache ('none' to disable)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -128,7 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     data = load_image_folder(args.data, args.image_size, None if args.cache.lower() == "none" else args.cache, args.workers)
-    train_x, train_y, test_x, test_y = data["train_x"], data["train_y"], data["test_x"], data["test_y"]
+    train_x, train_y = subset(data["train_x"], data["train_y"], args.train_subset, args.seed)
+    test_x, test_y = subset(data["test_x"], data["test_y"], args.test_subset, args.seed + 1)
     num_classes = len(data["classes"])
     net = load_backbone(args.backbone, num_classes)
     t0 = time.perf_counter()
@@ -136,8 +143,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.mode == "linear":
         net.fc = nn.Identity()
         encoder = nn.Sequential(Normalize(), net).to(device)
-        res = linear_probe(encoder, (train_x, train_y), (test_x, test_y), epochs=args.epochs, lr=args.lr or 0.1,
-                           weight_decay=args.weight_decay or 0.0, batch_size=args.batch_size, device=device,
+        res = linear_probe(encoder, (train_x, train_y), (test_x, test_y), epochs=args.epochs,
+                           lr=args.lr if args.lr is not None else 0.1,
+                           weight_decay=args.weight_decay if args.weight_decay is not None else 0.0, batch_size=args.batch_size, device=device,
                            num_classes=num_classes, seed=args.seed)
         train_acc, test_acc = res["train_accuracy"], res["test_accuracy"]
     else:
@@ -168,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
                 loss.backward()
                 opt.step()
                 step += 1
-                loss_sum += float(loss) * len(idx)
+                loss_sum += loss.item() * len(idx)
                 correct += float((logits.argmax(1) == y).sum())
             print(f"epoch {epoch + 1}/{args.epochs}: loss {loss_sum / len(train_x):.4f}, "
                   f"train top-1 (augmented) {100 * correct / len(train_x):.2f}%", flush=True)

@@ -24,9 +24,10 @@ CPU = ("--device", "cpu", "--threads", "1", "--workers", "0")
 
 
 def run_example(script: str, *args: str, cwd: Path, timeout: float = 300) -> str:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=python_path)
     proc = subprocess.run([sys.executable, str(EXAMPLES / script), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, check=False)
     assert proc.returncode == 0, f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
@@ -101,6 +102,22 @@ def test_cifar10_loader_cache(tiny_run: tuple[Path, Path, Path, str], capsys: py
         assert torch.equal(loaded[key], fresh[key]), key
 
 
+def test_cifar10_time_budget_fits_the_schedule(tiny_run: tuple[Path, Path, Path, str], tmp_path: Path) -> None:
+    """With --time-budget-min, training stops at the budget and the lr/tau schedules are fitted to it."""
+    data, _, cache, _ = tiny_run
+    cifar10 = import_example("cifar10")
+    threads = torch.get_num_threads()
+    try:  # in-process (saves an interpreter start); main() sets the thread count
+        results = cifar10.main(["--data", str(data), "--out", str(tmp_path), "--cache", str(cache), "--epochs", "200",
+                                "--time-budget-min", "0.05", "--batch-size", "8", "--probe-epochs", "0", *CPU])
+    finally:
+        torch.set_num_threads(threads)
+    assert 2 <= results["steps"] <= results["scheduled_steps"] <= 400  # --epochs stays an upper bound
+    assert results["stop_reason"] in ("schedule complete", "time budget reached (0.05 min)")
+    assert results["train_seconds"] < 3 * 0.05 * 60 + 10  # stopped near the budget (one step may overrun)
+    assert results["probe_top1_after"] is None and (tmp_path / "backbone.pt").is_file()
+
+
 def test_finetune_on_saved_backbone(tiny_run: tuple[Path, Path, Path, str], tmp_path: Path) -> None:
     data, out, cache, _ = tiny_run
     stdout = run_example("finetune.py", "--backbone", str(out / "backbone.pt"), "--data", str(data), "--epochs", "1",
@@ -152,7 +169,7 @@ def test_cifar10_real_data(tmp_path: Path) -> None:
     root = os.environ.get("BYOL_CIFAR10_DIR")
     if not root:
         pytest.skip("set BYOL_CIFAR10_DIR to the CIFAR-10 ImageFolder (with train/ and test/) to run this test")
-    run_example("cifar10.py", "--data", root, "--out", str(tmp_path / "run"), "--cache", str(tmp_path), "--max-steps",
+    run_example("cifar10.py", "--data", root, "--out", str(tmp_path / "run"), "--cache", "none", "--max-steps",
                 "30", "--batch-size", "32", "--knn-train-subset", "2000", "--knn-test-subset", "1000",
                 "--probe-epochs", "10", "--channels-last", "--precision", "bf16", "--device", "cpu", "--threads", "1",
                 cwd=tmp_path, timeout=1800)
