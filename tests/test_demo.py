@@ -1,0 +1,129 @@
+"""Tests for byol_wrapper.demo: the synthetic data set and a reduced reference run (CPU, tiny)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from byol_wrapper.demo import (
+    DEMO_CLASSES,
+    DEMO_CONFIG,
+    build_demo_backbone,
+    generate_demo_dataset,
+    load_demo_split,
+    run_demo_experiment,
+)
+
+SMALL = dict(n_train_per_class=3, n_test_per_class=2, image_size=16)
+
+
+def _pixels(root, split):
+    return {
+        p.relative_to(root).as_posix(): np.asarray(Image.open(p))
+        for p in sorted((root / split).rglob("*.png"))
+    }
+
+
+def test_tree_and_counts(tmp_path):
+    root = generate_demo_dataset(tmp_path / "d", seed=3, **SMALL)
+    assert root == tmp_path / "d"
+    for split, n in (("train", 3), ("test", 2)):
+        assert sorted(p.name for p in (root / split).iterdir()) == sorted(DEMO_CLASSES)
+        for name in DEMO_CLASSES:
+            files = sorted((root / split / name).glob("*.png"))
+            assert len(files) == n
+            with Image.open(files[0]) as im:
+                assert im.mode == "RGB" and im.size == (16, 16)
+    images, labels = load_demo_split(root, "train")
+    assert images.shape == (18, 3, 16, 16) and images.dtype == torch.uint8
+    assert labels.tolist() == [c for c in range(len(DEMO_CLASSES)) for _ in range(3)]
+    # the labels are torchvision ImageFolder's (sorted folder names)
+    assert list(DEMO_CLASSES) == sorted(DEMO_CLASSES)
+
+
+def test_deterministic_and_seeded(tmp_path):
+    a = generate_demo_dataset(tmp_path / "a", seed=0, **SMALL)
+    b = generate_demo_dataset(tmp_path / "b", seed=0, **SMALL)
+    c = generate_demo_dataset(tmp_path / "c", seed=1, **SMALL)
+    for split in ("train", "test"):
+        pa, pb, pc = _pixels(a, split), _pixels(b, split), _pixels(c, split)
+        assert pa.keys() == pb.keys() == pc.keys()
+        assert all(np.array_equal(pa[k], pb[k]) for k in pa)
+        assert not all(np.array_equal(pa[k], pc[k]) for k in pa)
+    # image i of a class does not depend on how many are asked for
+    d = generate_demo_dataset(tmp_path / "d", seed=0, n_train_per_class=5, n_test_per_class=2, image_size=16)
+    pd_ = _pixels(d, "train")
+    assert all(np.array_equal(v, pd_[k]) for k, v in _pixels(a, "train").items())
+
+
+def test_skips_complete_and_repairs(tmp_path):
+    root = generate_demo_dataset(tmp_path, **SMALL)
+    probe = root / "train" / "circle" / "circle_00000.png"
+    stamp = probe.stat().st_mtime_ns
+    generate_demo_dataset(tmp_path, **SMALL)
+    assert probe.stat().st_mtime_ns == stamp  # complete: nothing rewritten
+    probe.unlink()
+    generate_demo_dataset(tmp_path, **SMALL)
+    assert probe.exists()  # incomplete: regenerated
+    generate_demo_dataset(tmp_path, n_train_per_class=2, n_test_per_class=2, image_size=16)
+    assert len(list((root / "train" / "star").glob("*.png"))) == 2  # stale files of other counts removed
+    assert json.loads((root / "demo_dataset.json").read_text())["n_train_per_class"] == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        (dict(n_train_per_class=0), ValueError),
+        (dict(n_test_per_class=1.5), TypeError),
+        (dict(image_size=4), ValueError),
+        (dict(seed=-1), ValueError),
+        (dict(seed=True), TypeError),
+    ],
+)
+def test_generator_validates(tmp_path, kwargs, error):
+    with pytest.raises(error, match=next(iter(kwargs))):
+        generate_demo_dataset(tmp_path, **kwargs)
+    with pytest.raises(TypeError, match="root"):
+        generate_demo_dataset(3)  # type: ignore[arg-type]
+
+
+def test_backbone_cifar_stem():
+    net = build_demo_backbone("resnet18", cifar_stem=True)
+    assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
+    assert isinstance(net.maxpool, torch.nn.Identity)
+    with pytest.raises(ValueError, match="backbone"):
+        build_demo_backbone("not_a_model")
+    with pytest.raises(ValueError, match="cifar_stem"):
+        build_demo_backbone("mobilenet_v3_small", cifar_stem=True)
+
+
+def test_reduced_run(tmp_path):
+    torch.set_num_threads(1)
+    config = dict(
+        image_size=16,
+        n_train_per_class=4,
+        n_test_per_class=2,
+        batch_size=8,
+        max_steps=3,
+        warmup_steps=1,
+        projection_size=8,
+        projection_hidden_size=16,
+        augment_kwargs={"crop_scale": (0.5, 1.0)},
+        knn_k=5,
+    )
+    result = run_demo_experiment(config, root=tmp_path, seed=0)
+    assert result["steps"] == 3
+    for key in ("knn_before", "knn_after"):
+        assert 0.0 <= result[key] <= 1.0
+    for key in ("seconds", "final_loss"):
+        assert math.isfinite(result[key])
+    assert result["config"]["backbone"] == DEMO_CONFIG["backbone"]
+    with pytest.raises(ValueError, match="unknown keys"):
+        run_demo_experiment({"epochs": 1}, root=tmp_path)
+    with pytest.raises(ValueError, match="optimizer"):
+        run_demo_experiment({"optimizer": "lamb"}, root=tmp_path)
