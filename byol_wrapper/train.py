@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,34 +99,24 @@ def _json_dict(value: str) -> dict[str, Any]:
     return out
 
 
-def _positive_int(value: str) -> int:
-    try:
-        out = int(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}") from exc
-    if out <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}")
-    return out
+def _bounded(kind: type, minimum: float, inclusive: bool, what: str) -> Callable[[str], Any]:
+    """An argparse ``type`` parsing ``kind`` (int or float) that is finite and above ``minimum``."""
+
+    def parse(value: str) -> Any:
+        try:
+            out = kind(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value!r}") from exc
+        if not math.isfinite(out) or out < minimum or (not inclusive and out == minimum):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value!r}")
+        return out
+
+    return parse
 
 
-def _non_negative_int(value: str) -> int:
-    try:
-        out = int(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value!r}") from exc
-    if out < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value!r}")
-    return out
-
-
-def _non_negative_float(value: str) -> float:
-    try:
-        out = float(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {value!r}") from exc
-    if not math.isfinite(out) or out < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value!r}")
-    return out
+_positive_int = _bounded(int, 0, False, "a positive integer")
+_non_negative_int = _bounded(int, 0, True, "an integer >= 0")
+_non_negative_float = _bounded(float, 0.0, True, "a finite number >= 0")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
