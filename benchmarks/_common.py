@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["device_name", "package_version", "pick_device"]
+__all__ = ["device_name", "package_version", "pick_device", "setup_torch"]
 
 
 def pick_device(name: str) -> torch.device:
@@ -40,3 +40,13 @@ def package_version(name: str) -> str:
         return version(name)
     except Exception:  # noqa: BLE001
         return "not installed"
+
+
+def setup_torch(device: str, threads: int | None) -> torch.device:
+    """Picks the device, sets the intra-op thread count and enables cuDNN autotuning on CUDA."""
+    picked = pick_device(device)
+    if threads:
+        torch.set_num_threads(threads)
+    if picked.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return picked

@@ -61,7 +61,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import byol_wrapper  # noqa: E402
-from _common import device_name, package_version, pick_device  # noqa: E402
+from _common import device_name, package_version, setup_torch  # noqa: E402
 from byol_wrapper import BYOL, byol_views  # noqa: E402
 from byol_wrapper.momentum import ema_update_  # noqa: E402
 
@@ -343,12 +343,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ema-warmup", type=int, default=None, help="untimed EMA updates (default 3 CPU, 10 CUDA)")
     args = p.parse_args(argv)
 
-    device = pick_device(args.device)
+    device = setup_torch(args.device, args.threads)
     cuda = device.type == "cuda"
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if cuda:
-        torch.backends.cudnn.benchmark = True
     if args.timer == "cpu" and cuda:
         raise SystemExit("--timer cpu measures host CPU time; use the default wall clock on CUDA")
     args.input_size = args.input_size or args.image_size

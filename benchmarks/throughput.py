@@ -79,7 +79,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import byol_wrapper  # noqa: E402
-from _common import device_name, package_version, pick_device  # noqa: E402
+from _common import device_name, package_version, setup_torch  # noqa: E402
 from byol_wrapper import BYOL  # noqa: E402
 
 _RSS_AT_IMPORT = 0  # set in main()
@@ -589,12 +589,8 @@ def main(argv: list[str] | None = None) -> None:
     global _RSS_AT_IMPORT
     _RSS_AT_IMPORT = current_rss()
     args = parse_args(argv)
-    device = pick_device(args.device)
+    device = setup_torch(args.device, args.threads)
     cuda = device.type == "cuda"
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if cuda:
-        torch.backends.cudnn.benchmark = True
     if args.cifar_stem is None:
         args.cifar_stem = args.image_size <= 64
     args.steps = args.steps or (50 if cuda else 10)
