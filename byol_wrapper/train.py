@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import importlib
 import json
 import math
 import os
@@ -167,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--backbone",
         default="resnet18",
-        help="torchvision model name (torchvision.models.list_models()), or timm:NAME",
+        help="torchvision model name (torchvision.models.list_models()), timm:NAME, or MODULE:CALLABLE for your own "
+        "model (e.g. mypkg.nets:MyCNN, called with --backbone-kwargs)",
     )
     g.add_argument(
         "--backbone-kwargs",
@@ -186,6 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--projection-size", type=_positive_int, default=256, help="projector/predictor output size")
     g.add_argument("--projection-hidden-size", type=_positive_int, default=4096, help="projector/predictor hidden size")
     g.add_argument("--moving-average-decay", type=float, default=0.99, help="base tau of the target EMA (cosine-scheduled to 1)")
+    g.add_argument(
+        "--augment-kwargs",
+        type=_json_dict,
+        default={},
+        metavar="JSON",
+        help="overrides of the paper's augmentations for both views (byol_wrapper.byol_views keywords), "
+        "e.g. '{\"crop_scale\": [0.3, 1.0], \"grayscale_p\": 0.4}'",
+    )
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=_positive_int, default=256, help="images per optimizer step")
@@ -289,8 +299,11 @@ def build_backbone(name: str, *, cifar_stem: bool = False, **kwargs: Any) -> nn.
     ``build_backbone("resnet18", cifar_stem=True).load_state_dict(torch.load("OUT/backbone.pt"))``.
 
     Args:
-        name: A torchvision model name (``torchvision.models.list_models()``), or ``"timm:NAME"`` for a timm model
-            (a name torchvision does not know is also tried in timm when timm is installed).
+        name: A torchvision model name (``torchvision.models.list_models()``), ``"timm:NAME"`` for a timm model
+            (a name torchvision does not know is also tried in timm when timm is installed), or
+            ``"MODULE:CALLABLE"`` for any importable class or function that returns an ``nn.Module`` (e.g.
+            ``"byol_wrapper.demo:SmallCNN"`` or ``"mypkg.models:MyNet"``; the module must be importable, so run
+            from its folder or install it).
         cifar_stem: Apply :func:`apply_cifar_stem`.
         **kwargs: Passed to the model builder (e.g. ``num_classes``).
 
@@ -298,9 +311,11 @@ def build_backbone(name: str, *, cifar_stem: bool = False, **kwargs: Any) -> nn.
         The model, with random weights (``weights=None``).
 
     Raises:
-        TypeError: ``name`` is not a string, or the builder rejects ``kwargs``.
-        ValueError: Unknown name (with the closest torchvision names), timm requested but not installed, or
-            ``cifar_stem`` on a model without a ResNet stem.
+        TypeError: ``name`` is not a string, the builder rejects ``kwargs``, or a ``MODULE:CALLABLE`` is not
+            callable or does not return an ``nn.Module``.
+        ValueError: Unknown name (with the closest torchvision names), timm requested but not installed, a
+            ``MODULE:CALLABLE`` whose module cannot be imported or has no such attribute, or ``cifar_stem`` on a
+            model without a ResNet stem.
     """
     import torchvision
 
@@ -308,6 +323,8 @@ def build_backbone(name: str, *, cifar_stem: bool = False, **kwargs: Any) -> nn.
         raise TypeError(f"backbone must be a model name such as 'resnet18', got {name!r}")
     if name.startswith("timm:"):
         model = _timm_model(name[len("timm:") :], kwargs)
+    elif ":" in name:
+        model = _imported_model(name, kwargs)
     else:
         try:
             builder = torchvision.models.get_model_builder(name)
@@ -323,6 +340,33 @@ def build_backbone(name: str, *, cifar_stem: bool = False, **kwargs: Any) -> nn.
             model = builder(weights=None, **kwargs)
     if cifar_stem:
         apply_cifar_stem(model)
+    return model
+
+
+def _imported_model(spec: str, kwargs: dict[str, Any]) -> nn.Module:
+    """Builds ``MODULE:CALLABLE`` (``CALLABLE`` may be dotted, e.g. ``pkg.mod:Outer.build``) with ``kwargs``."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr or ":" in attr:
+        raise ValueError(f"--backbone {spec!r}: write MODULE:CALLABLE with one colon, e.g. mypkg.models:MyNet")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(
+            f"--backbone {spec!r}: cannot import module {module_name!r} ({exc}); install it or run from its folder"
+        ) from exc
+    for i, part in enumerate(attr.split(".")):
+        if not hasattr(obj, part):
+            owner = ".".join([module_name, *attr.split(".")[:i]])
+            names = [n for n in dir(obj) if not n.startswith("_")]
+            close = difflib.get_close_matches(part, names, n=5)
+            hint = f"; did you mean {', '.join(close)}?" if close else f"; it has {', '.join(names[:20]) or 'no public names'}"
+            raise ValueError(f"--backbone {spec!r}: {owner} has no attribute {part!r}{hint}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"--backbone {spec!r}: {attr} is a {type(obj).__name__}, not a class or function building a model")
+    model = obj(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"--backbone {spec!r}: {attr}(...) returned a {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
@@ -622,9 +666,13 @@ class _Trainer:
                 projection_hidden_size=args.projection_hidden_size,
                 moving_average_decay=args.moving_average_decay,
                 total_steps=self.total_steps,
+                augment_kwargs=args.augment_kwargs,
             )
-        except ValueError as exc:
-            raise UsageError(f"cannot build the BYOL learner (--backbone {args.backbone}, --hidden-layer {args.hidden_layer}): {exc}") from exc
+        except (TypeError, ValueError) as exc:
+            raise UsageError(
+                f"cannot build the BYOL learner (--backbone {args.backbone}, --hidden-layer {args.hidden_layer}, "
+                f"--augment-kwargs {json.dumps(args.augment_kwargs)}): {exc}"
+            ) from exc
         self.optimizer = build_optimizer(
             args.optimizer,
             self.learner,
@@ -680,6 +728,7 @@ class _Trainer:
             "projection_size": a.projection_size,
             "projection_hidden_size": a.projection_hidden_size,
             "moving_average_decay": a.moving_average_decay,
+            "augment_kwargs": a.augment_kwargs,
             "image_size": a.image_size,
             "load_size": self.load_size,
             "batch_size": a.batch_size,
@@ -1007,6 +1056,14 @@ class _Trainer:
         if self.skipped_total:
             msg += f"; {self.skipped_total} unreadable image(s) skipped"
         self._say(msg)
+        evals = [r for r in _read_metrics(self.metrics_path) if r.get("event") == "eval" and r.get("knn_accuracy") is not None]
+        if len(evals) >= 2 and evals[0].get("step") == 0:
+            first, last = evals[0], evals[-1]
+            gain = 100 * (last["knn_accuracy"] - first["knn_accuracy"])
+            self._say(
+                f"kNN accuracy: {100 * first['knn_accuracy']:.2f}% with random weights (step 0) -> "
+                f"{100 * last['knn_accuracy']:.2f}% after {last['step']} steps of BYOL ({gain:+.2f} points)"
+            )
 
 
 # ---------------------------------------------------------------------------------------------- entry point
@@ -1034,16 +1091,19 @@ def _apply_demo(args: argparse.Namespace, parser: argparse.ArgumentParser, argv:
         from . import demo
     except ImportError as exc:
         raise UsageError(f"--demo needs byol_wrapper.demo, which cannot be imported: {exc}") from exc
+    config = dict(demo.DEMO_CONFIG)
     try:
-        args = parser.parse_args(_demo_argv(dict(getattr(demo, "DEMO_CONFIG", {})), parser) + argv)
+        args = parser.parse_args(_demo_argv(config, parser) + argv)
     except SystemExit as exc:
         raise UsageError(f"byol_wrapper.demo.DEMO_CONFIG holds an invalid setting (see above): exit {exc.code}") from exc
     if args.data is None or args.eval_data is None:
-        root = Path(args.out).expanduser() / "demo_data"
-        marker = root / ".complete"
-        if not marker.exists():  # generate once; a resumed demo run reuses the same images
-            root = Path(demo.generate_demo_dataset(root, seed=args.seed))
-            (root / ".complete").touch()
+        # Reused when complete (same parameters), so a resumed demo run trains on the same images.
+        sizes = {k: config[k] for k in ("n_train_per_class", "n_test_per_class", "image_size") if k in config}
+        root = Path(
+            demo.generate_demo_dataset(
+                Path(args.out).expanduser() / "demo_data", seed=config.get("data_seed", 0), **sizes
+            )
+        )
         if args.data is None:
             args.data = str(root / "train")
         if args.eval_data is None:

@@ -13,6 +13,7 @@ from PIL import Image
 from byol_wrapper.demo import (
     DEMO_CLASSES,
     DEMO_CONFIG,
+    SmallCNN,
     build_demo_backbone,
     generate_demo_dataset,
     load_demo_split,
@@ -96,10 +97,41 @@ def test_backbone_cifar_stem():
     net = build_demo_backbone("resnet18", cifar_stem=True)
     assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
     assert isinstance(net.maxpool, torch.nn.Identity)
+    assert isinstance(build_demo_backbone(), SmallCNN)  # the demo's default, DEMO_CONFIG["backbone"]
+    assert isinstance(build_demo_backbone(DEMO_CONFIG["backbone"]), SmallCNN)
     with pytest.raises(ValueError, match="backbone"):
         build_demo_backbone("not_a_model")
-    with pytest.raises(ValueError, match="cifar_stem"):
+    with pytest.raises(ValueError, match="cifar-stem"):
         build_demo_backbone("mobilenet_v3_small", cifar_stem=True)
+
+
+def test_small_cnn_shapes_and_validation():
+    net = SmallCNN()
+    assert net.num_features == 128
+    assert 90_000 < sum(p.numel() for p in net.parameters()) < 110_000  # "0.1 M parameters"
+    assert net(torch.randn(2, 3, 16, 16)).shape == (2, 128)
+    assert net(torch.randn(2, 3, 23, 31)).shape == (2, 128)  # any size: global average pool
+    small = SmallCNN(width=4, depth=2, in_channels=1)
+    assert small.num_features == 8 and small(torch.randn(3, 1, 8, 8)).shape == (3, 8)
+    assert [type(m).__name__ for m in small.features] == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d", "Conv2d", "BatchNorm2d", "ReLU"]
+    with pytest.raises(ValueError, match="depth"):
+        SmallCNN(depth=0)
+    with pytest.raises(TypeError, match="width"):
+        SmallCNN(width=2.5)  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_full_demo_raises_knn_accuracy(tmp_path):
+    """Issue 3, item 4: the shipped demo settings make kNN accuracy clearly higher than the random init's."""
+    from byol_wrapper.train import main
+
+    torch.set_num_threads(2)
+    out = tmp_path / "demo"
+    assert main(["--demo", "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["event"] == "eval"]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == DEMO_CONFIG["max_steps"]
+    assert evals[-1]["knn_accuracy"] >= evals[0]["knn_accuracy"] + 0.10, evals
 
 
 def test_reduced_run(tmp_path):

@@ -241,8 +241,8 @@ def test_sigterm_saves_a_checkpoint_and_stops(folders: dict[str, Path], tmp_path
 def test_demo_flag_uses_the_demo_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
 
-    def generate_demo_dataset(root: Path, *, seed: int = 0) -> Path:
-        calls.append(seed)
+    def generate_demo_dataset(root: Path, *, seed: int = 0, **sizes: int) -> Path:
+        calls.append((seed, sizes))
         _write_images(Path(root) / "train", per_class=4)
         _write_images(Path(root) / "test", per_class=2, seed=1)
         return Path(root)
@@ -252,6 +252,7 @@ def test_demo_flag_uses_the_demo_module(tmp_path: Path, monkeypatch: pytest.Monk
     demo.DEMO_CONFIG = {
         "backbone": "shufflenet_v2_x0_5", "backbone_kwargs": {"num_classes": 2}, "image_size": 16, "batch_size": 4,
         "epochs": 1, "projection_size": 16, "projection_hidden_size": 32, "workers": 0, "num_classes": 2,
+        "n_train_per_class": 4, "data_seed": 7,
     }
     monkeypatch.setitem(sys.modules, "byol_wrapper.demo", demo)
     monkeypatch.setattr(byol_wrapper, "demo", demo, raising=False)
@@ -263,7 +264,73 @@ def test_demo_flag_uses_the_demo_module(tmp_path: Path, monkeypatch: pytest.Monk
     assert config["batch_size"] == 8  # the user's flag wins over DEMO_CONFIG
     assert config["data"] == str(out / "demo_data" / "train") and config["eval_data"] == str(out / "demo_data")
     assert [e["step"] for e in _records(out, "eval")] == [0, 1]
-    assert main(argv) == 0 and calls == [0]  # the second run reuses the generated data
+    # the data set is generated with the config's sizes and data seed, not with --seed
+    assert calls == [(7, {"n_train_per_class": 4, "image_size": 16})]
+    assert main(argv) == 0 and len(calls) == 2  # generate_demo_dataset decides itself whether to reuse
+
+
+def test_real_demo_settings_reduced(tmp_path: Path, capsys) -> None:
+    """``--demo`` with the real DEMO_CONFIG (SmallCNN, its augmentations), shortened by the user's flags."""
+    from byol_wrapper.demo import DEMO_CONFIG
+
+    out = tmp_path / "demo"
+    argv = ["--demo", "--out", str(out), "--device", "cpu", "--no-progress", "--max-steps", "3", "--warmup-steps", "1", "--workers", "0"]
+    assert main(argv) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["backbone"] == "byol_wrapper.demo:SmallCNN" and config["hidden_layer"] == "pool"
+    assert config["augment_kwargs"] == DEMO_CONFIG["augment_kwargs"] and config["image_size"] == DEMO_CONFIG["image_size"]
+    assert config["total_steps"] == 3 and config["lr"] == DEMO_CONFIG["lr"]
+    meta = json.loads((out / "demo_data" / "demo_dataset.json").read_text())
+    assert meta["n_train_per_class"] == DEMO_CONFIG["n_train_per_class"] and meta["image_size"] == DEMO_CONFIG["image_size"]
+    evals = _records(out, "eval")
+    assert [e["step"] for e in evals] == [0, 3]
+    lines = capsys.readouterr().err.splitlines()
+    summary = [line for line in lines if line.startswith("kNN accuracy:")]
+    assert summary == [
+        f"kNN accuracy: {100 * evals[0]['knn_accuracy']:.2f}% with random weights (step 0) -> "
+        f"{100 * evals[1]['knn_accuracy']:.2f}% after 3 steps of BYOL "
+        f"({100 * (evals[1]['knn_accuracy'] - evals[0]['knn_accuracy']):+.2f} points)"
+    ]
+    from byol_wrapper.demo import SmallCNN
+
+    net = SmallCNN()
+    net.load_state_dict(torch.load(out / "backbone.pt", weights_only=True))
+
+
+def test_own_backbone_and_augment_kwargs(folders: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "own"
+    model = ["--backbone", "byol_wrapper.demo:SmallCNN", "--backbone-kwargs", '{"width": 4, "depth": 2}', "--hidden-layer", "pool"]
+    aug = ["--augment-kwargs", '{"crop_scale": [0.5, 1.0], "grayscale_p": 0.5}']
+    assert main(_args(folders["data"], out, "--max-steps", "2", *aug, model=model)) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["augment_kwargs"] == {"crop_scale": [0.5, 1.0], "grayscale_p": 0.5}
+    weights = torch.load(out / "backbone.pt", weights_only=True)
+    assert weights["features.0.weight"].shape == (4, 3, 3, 3) and weights["features.4.weight"].shape == (8, 4, 3, 3)
+    net = build_backbone("byol_wrapper.demo:SmallCNN", width=4, depth=2)
+    net.load_state_dict(weights)
+    # the same command with more steps resumes from the checkpoint
+    with pytest.warns(RuntimeWarning, match="training length changed from 2 to 3"):
+        assert main(_args(folders["data"], out, "--max-steps", "3", *aug, model=model)) == 0
+    assert [r["step"] for r in _records(out)] == [1, 2, 3]
+
+
+def test_augment_kwargs_reach_the_views(folders: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import byol_wrapper.train as train_module
+
+    seen = {}
+    real = train_module.BYOL
+
+    def spy(*args, **kwargs):
+        learner = real(*args, **kwargs)
+        seen["views"] = (learner.augment1, learner.augment2)
+        return learner
+
+    monkeypatch.setattr(train_module, "BYOL", spy)
+    aug = ["--augment-kwargs", '{"crop_scale": [0.5, 1.0], "grayscale_p": 0.5}']
+    assert main(_args(folders["data"], tmp_path / "o", "--max-steps", "1", *aug)) == 0
+    for view in seen["views"]:
+        assert view.crop_scale == (0.5, 1.0) and view.grayscale_p == 0.5
+    assert seen["views"][0].blur_p == 1.0 and seen["views"][1].solarize_p == 0.2  # the rest stays the paper's
 
 
 @pytest.mark.parametrize(
@@ -276,6 +343,14 @@ def test_demo_flag_uses_the_demo_module(tmp_path: Path, monkeypatch: pytest.Monk
         (None, ["--backbone", "mobilenet_v3_small", "--cifar-stem"], "--cifar-stem needs a ResNet"),
         (None, ["--hidden-layer", "layer9"], "hidden"),
         (None, ["--eval-data", "EMPTY"], "--eval-data must hold train"),
+        (None, ["--backbone", "no_such_module_xyz:Net"], "cannot import module 'no_such_module_xyz'"),
+        (None, ["--backbone", "byol_wrapper.demo:SmalCNN"], "did you mean SmallCNN"),
+        (None, ["--backbone", "byol_wrapper.demo:DEMO_CONFIG"], "not a class or function"),
+        (None, ["--backbone", "builtins:dict"], "returned a dict, not a torch.nn.Module"),
+        (None, ["--backbone", "byol_wrapper.demo:SmallCNN", "--backbone-kwargs", '{"widht": 4}'], "widht"),
+        (None, ["--backbone", "a:b:c"], "one colon"),
+        (None, ["--augment-kwargs", '{"crop_scal": [0.5, 1]}'], "crop_scal"),
+        (None, ["--augment-kwargs", '{"crop_scale": [0.5, 2]}'], "crop_scale must satisfy"),
         (None, ["--backbone", "timm:resnet18"] if importlib.util.find_spec("timm") is None else ["--backbone", "timm:not_a_model_x"], "timm"),
     ],
 )
