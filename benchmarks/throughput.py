@@ -19,6 +19,9 @@ this one) so that peak memory and compiled code do not leak between them:
   ``NegativeCosineSimilarity``, ``update_momentum`` of backbone and projection head, each view its own batch.
 * ``lightly_loader`` -- lightly's data pipeline alone (DataLoader + BYOLTransform, batches moved to the device,
   no model): the ceiling that CPU augmentation puts on ``lightly``.
+* ``ours_augment`` -- byol_wrapper's two views (``byol_views``, per sample, on the device, ``no_grad``) of the fixed
+  batch, no model: the cost of our augmentation inside ``ours``, and the figure for the "augmentation alone"
+  target (images/s = source images, each giving two views).
 
 All learners use the same backbone (torchvision ResNet, ``fc`` replaced by ``nn.Identity``, hidden layer
 ``avgpool``), heads Linear(4096)-BN-ReLU-Linear(256), tau 0.99, Adam (lr 3e-4). Inputs of ``floor``, ``ours*``
@@ -80,11 +83,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import byol_wrapper  # noqa: E402
 from _common import device_name, package_version, setup_torch  # noqa: E402
-from byol_wrapper import BYOL  # noqa: E402
+from byol_wrapper import BYOL, byol_views  # noqa: E402
 
 _RSS_AT_IMPORT = 0  # set in main()
 RESULT_TAG = "@@BYOL_THROUGHPUT_RESULT "
-ALL_CONFIGS = ("floor", "floor_concat", "ours", "ours_concat", "byol_pytorch", "lightly", "lightly_loader")
+ALL_CONFIGS = ("floor", "floor_concat", "ours", "ours_concat", "byol_pytorch", "lightly", "lightly_loader", "ours_augment")
 DESCRIPTION = {
     "floor": ("floor: backbone only", "per view (B, B)"),
     "floor_concat": ("floor: backbone only", "one batch (2B)"),
@@ -93,6 +96,7 @@ DESCRIPTION = {
     "byol_pytorch": ("byol-pytorch 0.9.1", "one batch (2B)"),
     "lightly": ("lightly 1.6 BYOL example (CPU transforms)", "per view (B, B)"),
     "lightly_loader": ("lightly data pipeline alone (no model)", "-"),
+    "ours_augment": ("byol_wrapper augmentation alone (no model)", "-"),
 }
 
 
@@ -353,6 +357,21 @@ def build_lightly(args: argparse.Namespace, device: torch.device, with_model: bo
     return step, model, state
 
 
+def build_ours_augment(args: argparse.Namespace, device: torch.device) -> tuple[Step, nn.Module | None, dict]:
+    """byol_wrapper's two paper views of the fixed batch, on the device, as the learner runs them (no model)."""
+    view1, view2 = byol_views(args.image_size)
+    view1.to(device)
+    view2.to(device)
+    x = fixed_batch(args, device, 1, torch.uint8 if args.input_dtype == "uint8" else torch.float32)
+
+    def step() -> None:
+        with torch.no_grad():
+            view1(x)
+            view2(x)
+
+    return step, None, {}
+
+
 def build(name: str, args: argparse.Namespace, device: torch.device) -> tuple[Step, nn.Module | None, dict]:
     if name in ("floor", "floor_concat"):
         return build_floor(args, device, concat=name == "floor_concat")
@@ -362,6 +381,8 @@ def build(name: str, args: argparse.Namespace, device: torch.device) -> tuple[St
         return build_byol_pytorch(args, device)
     if name in ("lightly", "lightly_loader"):
         return build_lightly(args, device, with_model=name == "lightly")
+    if name == "ours_augment":
+        return build_ours_augment(args, device)
     raise ValueError(name)
 
 
@@ -467,6 +488,7 @@ def print_report(results: list[dict], args: argparse.Namespace, device: torch.de
         ("ours", "byol_pytorch", "byol_wrapper default / byol-pytorch"),
         ("ours", "lightly", "byol_wrapper default / lightly (both per view, paper augmentations; lightly's on CPU workers)"),
         ("ours_concat", "lightly", "byol_wrapper concat_views=True / lightly"),
+        ("ours_augment", "lightly_loader", "augmentation alone: byol_wrapper (on the device) / lightly (CPU workers)"),
     ]
     rows = [(text, by[a]["images_per_s"] / by[b]["images_per_s"]) for a, b, text in pairs if a in by and b in by]
     if rows:

@@ -314,6 +314,25 @@ def test_brightness_factor_range_is_torchvision_0_6_to_1_4() -> None:
     assert factor.min() < 0.62 and factor.max() > 1.38
 
 
+def test_hue_matches_kornia_adjust_hue_including_edge_pixels() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(12, 3, 9, 9, generator=g)
+    x[0] = 0.0  # black
+    x[1] = 1.0  # white
+    x[2] = 0.37  # gray: hue undefined, must stay gray
+    x[3, :, :4] = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)  # pure primaries and secondaries
+    x[3, :, 4:] = torch.tensor([0.0, 1.0, 1.0]).view(3, 1, 1)
+    x[4, 0], x[4, 1], x[4, 2] = 0.5, 0.5, 0.2  # ties between the maximal channels
+    x[5, 1], x[5, 2] = x[5, 0], x[5, 0] * 0.3
+    turns = torch.linspace(-0.5, 0.5, 12)
+    turns[6] = 0.0
+    out = aug._hue(x, turns)
+    expected = adjust_hue(x, turns * 2 * math.pi)
+    torch.testing.assert_close(out, expected, atol=2e-6, rtol=0)
+    torch.testing.assert_close(out[:3], x[:3], atol=1e-7, rtol=0)  # black, white, gray unchanged
+    torch.testing.assert_close(out[6], x[6], atol=2e-6, rtol=0)  # zero shift is the identity
+
+
 def test_hue_shift_is_in_turns_up_to_0_1() -> None:
     red = torch.tensor([0.8, 0.2, 0.2]).view(1, 3, 1, 1).expand(2000, 3, 4, 4)
     out = only(4, jitter_p=1.0, jitter=(0.0, 0.0, 0.0, 0.1))(red)
