@@ -348,12 +348,22 @@ def _imported_model(spec: str, kwargs: dict[str, Any]) -> nn.Module:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr or ":" in attr:
         raise ValueError(f"--backbone {spec!r}: write MODULE:CALLABLE with one colon, e.g. mypkg.models:MyNet")
+    # Like `python -m` (and unlike a console script, whose sys.path starts with its bin folder), a module in the
+    # current folder is importable: `byol-train --backbone mynets:Net` run next to mynets.py finds it.
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.append(cwd)  # appended: never shadows an installed package
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
         raise ValueError(
-            f"--backbone {spec!r}: cannot import module {module_name!r} ({exc}); install it or run from its folder"
+            f"--backbone {spec!r}: cannot import module {module_name!r} ({exc}); install it, or run from the folder "
+            "that holds it"
         ) from exc
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
     for i, part in enumerate(attr.split(".")):
         if not hasattr(obj, part):
             owner = ".".join([module_name, *attr.split(".")[:i]])

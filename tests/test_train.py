@@ -314,6 +314,28 @@ def test_own_backbone_and_augment_kwargs(folders: dict[str, Path], tmp_path: Pat
     assert [r["step"] for r in _records(out)] == [1, 2, 3]
 
 
+def test_own_backbone_module_in_the_current_folder(
+    folders: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`byol-train --backbone mynets:Net` run next to mynets.py works like `python -m`, also as a console script."""
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "byol_test_nets.py").write_text(
+        "from torch import nn\n"
+        "class Net(nn.Sequential):\n"
+        "    def __init__(self, width=4):\n"
+        "        super().__init__(nn.Conv2d(3, width, 3), nn.BatchNorm2d(width), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())\n"
+    )
+    monkeypatch.chdir(code)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(code), ".")])  # as in a console script
+    monkeypatch.delitem(sys.modules, "byol_test_nets", raising=False)
+    out = tmp_path / "out"
+    model = ["--backbone", "byol_test_nets:Net", "--backbone-kwargs", '{"width": 6}', "--hidden-layer", "-1"]
+    assert main(_args(folders["data"], out, "--max-steps", "1", model=model)) == 0
+    assert torch.load(out / "backbone.pt", weights_only=True)["0.weight"].shape == (6, 3, 3, 3)
+    assert str(code) not in sys.path  # the folder was only added for the import
+
+
 def test_augment_kwargs_reach_the_views(folders: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import byol_wrapper.train as train_module
 
