@@ -26,11 +26,11 @@ Implementation notes. Kornia supplies the image operations: :func:`kornia.color.
 :func:`kornia.filters.get_gaussian_kernel1d` (one kernel per sample) and
 :func:`kornia.filters.filter2d_separable` (a grouped depthwise convolution, so each sample is blurred with its
 own sigma). The hue shift is :func:`kornia.enhance.adjust_hue`'s HSV rotation in a closed form that needs fewer
-passes over the image (see :func:`_hue`; tested equal to kornia's). The random parameters are drawn here rather than by ``kornia.augmentation`` modules,
-because those draw on the module's RNG device (the CPU unless the module was moved) and copy the parameters
-to the input's device, ``ColorJitter`` draws one order of its four ops per batch rather than per sample,
-``RandomSolarize`` also randomizes the threshold and adds a random brightness shift, and
-``gaussian_blur2d`` reads a tensor ``sigma`` back to the host to validate it. The crop and the flip are one
+passes over the image (see :func:`_hue`; tested equal to kornia's). The random parameters are drawn here rather
+than by ``kornia.augmentation`` modules, because those draw on the module's RNG device (the CPU unless the module
+was moved) and copy the parameters to the input's device, ``ColorJitter`` draws one order of its four ops per
+batch rather than per sample, ``RandomSolarize`` also randomizes the threshold and adds a random brightness
+shift, and ``gaussian_blur2d`` reads a tensor ``sigma`` back to the host to validate it. The crop and the flip are one
 ``grid_sample`` pass; brightness, contrast and saturation use the formulas of kornia's
 ``adjust_brightness_accumulative``, ``adjust_contrast_with_mean_subtraction`` and
 ``adjust_saturation_with_gray_subtraction`` (torchvision's), fused so that each sample's own order costs a
