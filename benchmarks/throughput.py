@@ -206,16 +206,21 @@ def train_step(learner: nn.Module, x: torch.Tensor, args: argparse.Namespace, de
     return step
 
 
-def build_ours(args: argparse.Namespace, device: torch.device, concat: bool) -> tuple[Step, nn.Module, dict]:
-    net = make_backbone(args, device)
-    # No learner.to(device): the backbone is on the device and the heads are built there.
-    learner = BYOL(net, args.image_size, hidden_layer="avgpool", projection_size=256, projection_hidden_size=4096,
-                   moving_average_decay=0.99, concat_views=concat)
+def compile_learner(learner: nn.Module, args: argparse.Namespace) -> None:
+    """``--compile learner|backbone`` for byol_wrapper's and byol-pytorch's learners (same attribute names)."""
     if args.compile == "learner":
         learner.compile()
     elif args.compile == "backbone":
         maybe_compile(learner.online_encoder.net, args)
         maybe_compile(learner.target_encoder.net, args)
+
+
+def build_ours(args: argparse.Namespace, device: torch.device, concat: bool) -> tuple[Step, nn.Module, dict]:
+    net = make_backbone(args, device)
+    # No learner.to(device): the backbone is on the device and the heads are built there.
+    learner = BYOL(net, args.image_size, hidden_layer="avgpool", projection_size=256, projection_hidden_size=4096,
+                   moving_average_decay=0.99, concat_views=concat)
+    compile_learner(learner, args)
     x = fixed_batch(args, device, 1, torch.uint8 if args.input_dtype == "uint8" else torch.float32)
     return train_step(learner, x, args, device), learner, {}
 
@@ -228,11 +233,7 @@ def build_byol_pytorch(args: argparse.Namespace, device: torch.device) -> tuple[
     net = make_backbone(args, device)
     learner = TheirBYOL(net, args.image_size, hidden_layer="avgpool", projection_size=256, projection_hidden_size=4096,
                         moving_average_decay=0.99, use_simplicial_embeddings=False)
-    if args.compile == "learner":
-        learner.compile()
-    elif args.compile == "backbone":
-        maybe_compile(learner.online_encoder.net, args)
-        maybe_compile(learner.target_encoder.net, args)
+    compile_learner(learner, args)
     x = fixed_batch(args, device, 1)  # its Normalize needs float input
     return train_step(learner, x, args, device), learner, {}
 
