@@ -177,6 +177,37 @@ def test_reproducible_with_manual_seed() -> None:
     assert not torch.equal(a[0], c)
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.float64])
+def test_cpu_slices_give_the_same_views_as_the_whole_batch(monkeypatch, dtype) -> None:
+    # On the CPU a view transforms the batch in slices (faster with glibc's malloc); the result must not change.
+    x = torch.randint(0, 256, (10, 3, 12, 12), dtype=torch.uint8)
+    x = x if dtype == torch.uint8 else (x / 255).to(dtype)
+    for view in byol_views(8, solarize_p=0.5, blur_p=0.5):
+        torch.manual_seed(11)
+        whole = view(x)
+        monkeypatch.setattr(aug, "_CPU_CHUNK_VALUES", 3 * 3 * 8 * 8)  # slices of 3, 3, 3 and 1 samples
+        torch.manual_seed(11)
+        sliced = view(x)
+        after = torch.rand(1)
+        monkeypatch.undo()
+        torch.manual_seed(11)
+        view(x)
+        assert torch.equal(sliced, whole)
+        assert torch.equal(after, torch.rand(1))  # the same random numbers were consumed
+        assert sliced.is_contiguous() and sliced.dtype == torch.float32
+
+
+def test_default_cpu_slicing_at_224_px_matches_one_slice(monkeypatch) -> None:
+    x = torch.randint(0, 256, (8, 3, 224, 224), dtype=torch.uint8)
+    view = byol_views(224)[1]
+    assert aug._cpu_chunk(x, 3 * 224 * 224) < x.shape[0]  # the default does slice a 224 px batch of 8
+    torch.manual_seed(5)
+    sliced = view(x)
+    monkeypatch.setattr(aug, "_CPU_CHUNK_VALUES", 1 << 40)
+    torch.manual_seed(5)
+    assert torch.equal(view(x), sliced)
+
+
 # ---------------------------------------------------------------------------------------------- per-sample draws
 
 
