@@ -220,28 +220,43 @@ def collate_pairs(batch: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class EpochSampler(Sampler[int]):
-    """Deterministic shuffling per epoch, resumable in the middle of an epoch.
+    """Deterministic shuffling per epoch, resumable in the middle of an epoch, optionally sharded over ranks.
 
     The order of epoch ``e`` is ``torch.randperm(n)`` drawn from a private generator seeded with
     ``(seed, e)``, so it never touches (or depends on) the global RNG. :meth:`set_epoch` with ``start`` skips
     the first ``start`` indices of that order; with ``start`` a multiple of the batch size and
     ``drop_last=True``, the remaining batches are exactly those the uninterrupted epoch would have produced.
 
+    With ``num_replicas > 1`` (distributed training) every rank computes the same order and takes every
+    ``num_replicas``-th index of what remains after ``start``, beginning at its ``rank``; the tail that does not
+    divide evenly is dropped, so all ranks yield the same number of indices. A rank's ``k``-th batch of ``b``
+    indices and the other ranks' ``k``-th batches then together hold exactly the ``k``-th batch of
+    ``b * num_replicas`` indices of the unsharded order: the same global batches as one process, whatever the
+    number of ranks.
+
     Args:
         num_samples: Dataset length.
         seed: Base seed.
         shuffle: ``False`` keeps the dataset order.
+        num_replicas: Number of ranks sharing the data set (1: no sharding).
+        rank: This process's rank, in ``[0, num_replicas)``.
 
     Raises:
-        ValueError: ``num_samples`` is not a positive int.
+        ValueError: ``num_samples`` or ``num_replicas`` is not a positive int, or ``rank`` is out of range.
     """
 
-    def __init__(self, num_samples: int, seed: int = 0, shuffle: bool = True) -> None:
+    def __init__(self, num_samples: int, seed: int = 0, shuffle: bool = True, *, num_replicas: int = 1, rank: int = 0) -> None:
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        if isinstance(num_replicas, bool) or not isinstance(num_replicas, int) or num_replicas <= 0:
+            raise ValueError(f"num_replicas must be a positive int (the world size), got {num_replicas!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be an int in [0, {num_replicas}) (num_replicas={num_replicas}), got {rank!r}")
         self.num_samples = num_samples
         self.seed = int(seed)
         self.shuffle = bool(shuffle)
+        self.num_replicas = num_replicas
+        self.rank = rank
         self.epoch = 0
         self.start = 0
 
@@ -253,7 +268,7 @@ class EpochSampler(Sampler[int]):
         self.start = int(start)
 
     def order(self, epoch: int) -> list[int]:
-        """The full index order of ``epoch``."""
+        """The full (unsharded) index order of ``epoch``."""
         if not self.shuffle:
             return list(range(self.num_samples))
         gen = torch.Generator()
@@ -261,7 +276,10 @@ class EpochSampler(Sampler[int]):
         return torch.randperm(self.num_samples, generator=gen).tolist()
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.order(self.epoch)[self.start :])
+        rest = self.order(self.epoch)[self.start :]
+        if self.num_replicas > 1:
+            rest = rest[: len(rest) - len(rest) % self.num_replicas][self.rank :: self.num_replicas]
+        return iter(rest)
 
     def __len__(self) -> int:
-        return self.num_samples - self.start
+        return (self.num_samples - self.start) // self.num_replicas

@@ -10,6 +10,12 @@ number and the batches already trained are skipped, so the data order is the one
 the optimizer, the loss scaler and all random number generators; the learning-rate and tau schedules are
 functions of the step counter. See :func:`main` and ``--help`` for the flags.
 
+Several processes: ``torchrun --nproc_per_node=N -m byol_wrapper.train ...`` trains
+``DistributedDataParallel(learner)`` on N ranks (``cuda:LOCAL_RANK`` with NCCL, or CPUs with gloo).
+``--batch-size`` is the global batch, split evenly: rank ``r`` takes every N-th index of each global batch
+(:class:`~byol_wrapper.data.EpochSampler`), so the global batches are those of one process. Rank 0 writes every
+output; the ranks agree on skipped batches and on stopping through one small host-side all-reduce per step.
+
 Outputs in ``OUT``: ``last.pt`` and ``last.prev.pt`` (checkpoints, see :mod:`byol_wrapper.checkpoint`),
 ``backbone.pt`` and ``backbone_ema.pt`` (plain ``state_dict`` of the online and of the EMA target backbone, same
 keys; rebuild the module with :func:`build_backbone`), ``metrics.jsonl``, ``metrics.png`` and ``config.json``.
@@ -235,6 +241,17 @@ def build_parser() -> argparse.ArgumentParser:
         default="32",
         help="autocast precision (fp16 uses a GradScaler; CUDA only)",
     )
+    g.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="channels-last memory format for the backbone and the views (faster convolutions on recent GPUs)",
+    )
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the training forward (augmentations, both networks and the loss; minutes of compilation "
+        "at the start of each run and resume)",
+    )
 
     g = p.add_argument_group("run")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -413,6 +430,87 @@ def _resolve_device(spec: str | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {spec} requested but CUDA is not available; use --device cpu")
     return device
+
+
+class _Ranks:
+    """The ranks of a ``torchrun`` launch (``WORLD_SIZE > 1``), or the one process of a plain run.
+
+    Collectives that only carry host values (flags, RNG states) go over a gloo group, so they never wait for
+    the GPU: with NCCL a separate gloo group is created for them.
+    """
+
+    def __init__(self, world: int = 1, rank: int = 0, host_group: Any = None) -> None:
+        self.world = world
+        self.rank = rank
+        self.host_group = host_group
+        self.main = rank == 0
+
+    def sum(self, *values: int) -> list[int]:
+        """The element-wise sum of ``values`` over all ranks (host ints, gloo)."""
+        if self.world == 1:
+            return list(values)
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.int64)
+        dist.all_reduce(t, group=self.host_group)
+        return [int(v) for v in t.tolist()]
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order (on every rank)."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj, group=self.host_group)
+        return out
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        """The mean of ``t`` over all ranks (a device collective)."""
+        if self.world == 1:
+            return t
+        import torch.distributed as dist
+
+        t = t.clone()
+        dist.all_reduce(t)
+        return t / self.world
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier(group=self.host_group)
+
+
+def _start_ranks(spec: str | None) -> tuple[_Ranks, torch.device]:
+    """Joins the ``torchrun`` process group when ``WORLD_SIZE > 1``; returns the ranks and this rank's device.
+
+    Each rank uses ``cuda:LOCAL_RANK`` (NCCL) when the device is CUDA, else the CPU (gloo).
+    """
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1") or "1")
+    except ValueError as exc:
+        raise UsageError(f"WORLD_SIZE must be an int (set by torchrun), got {os.environ.get('WORLD_SIZE')!r}") from exc
+    device = _resolve_device(spec)
+    if world <= 1:
+        return _Ranks(), device
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise UsageError(f"WORLD_SIZE={world} (torchrun) but this torch build has no torch.distributed")
+    if device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise UsageError(
+                f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPU(s) are visible; launch at most that many "
+                "processes per node (torchrun --nproc_per_node)"
+            )
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    host_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+    return _Ranks(dist.get_world_size(), dist.get_rank(), host_group), device
 
 
 def _resolve_precision(precision: str, device: torch.device) -> str:
@@ -594,10 +692,11 @@ def _graceful_stop() -> Iterator[dict[str, int]]:
 class _Trainer:
     """Holds the state of one ``byol-train`` invocation."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, ranks: _Ranks | None = None, device: torch.device | None = None) -> None:
         self.args = args
         self.out = Path(args.out).expanduser()
-        self.device = _resolve_device(args.device)
+        self.ranks = ranks or _Ranks()
+        self.device = device if device is not None else _resolve_device(args.device)
         self.precision = _resolve_precision(args.precision, self.device)
         if args.data is None:
             raise UsageError("--data DIR is required (a folder of images), or use --demo")
@@ -627,6 +726,13 @@ class _Trainer:
             )
         if args.batch_size < 2:
             raise UsageError("--batch-size must be at least 2 (BatchNorm in the BYOL heads needs batch statistics)")
+        world = self.ranks.world
+        if args.batch_size % world or args.batch_size // world < 2:
+            raise UsageError(
+                f"--batch-size is the global batch, split over the {world} processes: it must be a multiple of {world} "
+                f"with at least 2 images per process; got {args.batch_size}"
+            )
+        self.rank_batch = args.batch_size // world
         self.eval_sets: tuple[Any, Any] | None = None
         if args.eval_data is not None:
             root = Path(args.eval_data).expanduser()
@@ -651,22 +757,28 @@ class _Trainer:
         self.weight_decay = args.weight_decay if args.weight_decay is not None else DEFAULT_WEIGHT_DECAY[args.optimizer]
         self.config = self._config()
 
-        self.out.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(self.out)
         self.ckpt_path = self.out / "last.pt"
         self.metrics_path = self.out / "metrics.jsonl"
-        checkpoint, source = load_latest_checkpoint(self.ckpt_path, map_location="cpu")
+        if self.ranks.main:  # rank 0 first: it sets a corrupt checkpoint aside before the others read
+            self.out.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.out)
+            checkpoint, source = load_latest_checkpoint(self.ckpt_path, map_location="cpu")
+        self.ranks.barrier()
+        if not self.ranks.main:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # rank 0 already warned
+                checkpoint, source = load_latest_checkpoint(self.ckpt_path, map_location="cpu")
         if checkpoint is not None:
             self._check_compatible(checkpoint.get("config", {}), source)
         else:
-            self._seed_everything(args.seed)
+            self._seed_everything(args.seed)  # the same on every rank: identical initial weights
 
         # Model, learner, optimizer.
         try:
             backbone = build_backbone(args.backbone, cifar_stem=args.cifar_stem, **args.backbone_kwargs)
         except (TypeError, ValueError) as exc:
             raise UsageError(f"--backbone {args.backbone} (--backbone-kwargs {json.dumps(args.backbone_kwargs)}): {exc}") from exc
-        backbone = backbone.to(self.device)
+        backbone = backbone.to(self.device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
         try:
             self.learner = BYOL(
                 backbone,
@@ -692,6 +804,16 @@ class _Trainer:
             trust_coefficient=args.trust_coefficient,
         )
         self.scaler = _grad_scaler(self.device) if self.precision == "fp16" else None
+        self.model: nn.Module = self.learner
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # Reads the learner's _ddp_params_and_buffers_to_ignore: no find_unused_parameters needed.
+            self.model = DistributedDataParallel(self.learner, device_ids=[self.device] if self.device.type == "cuda" else None)
+        if args.compile:
+            # The whole forward in one graph (DDP-wrapped: compiled around DDP, as PyTorch recommends). The EMA
+            # update stays eager; checkpoints and exports read the plain learner, so their keys do not change.
+            self.model = torch.compile(self.model)
 
         self.step = 0
         self.epoch = 0
@@ -703,14 +825,17 @@ class _Trainer:
             self._restore(checkpoint)
             self.resumed_from = source
         else:
-            self.metrics_path.unlink(missing_ok=True)
+            if self.ranks.main:
+                self.metrics_path.unlink(missing_ok=True)
+            if world > 1:  # same weights everywhere, but each rank draws its own augmentations
+                self._seed_everything(args.seed + self.ranks.rank)
 
-        self.sampler = EpochSampler(len(self.dataset), seed=args.seed)
+        self.sampler = EpochSampler(len(self.dataset), seed=args.seed, num_replicas=world, rank=self.ranks.rank)
         loader_gen = torch.Generator()
-        loader_gen.manual_seed(args.seed)
+        loader_gen.manual_seed(args.seed + self.ranks.rank)
         self.loader = DataLoader(
             self.dataset,
-            batch_size=args.batch_size,
+            batch_size=self.rank_batch,
             sampler=self.sampler,
             num_workers=args.workers,
             collate_fn=collate_skip_none,
@@ -721,8 +846,9 @@ class _Trainer:
             worker_init_fn=_ignore_stop_signals,
         )
         self._eval_cache: dict[str, Any] = {}
-        with open(self.out / "config.json", "w", encoding="utf-8") as f:
-            json.dump(self.config, f, indent=2)
+        if self.ranks.main:
+            with open(self.out / "config.json", "w", encoding="utf-8") as f:
+                json.dump(self.config, f, indent=2)
 
     # ------------------------------------------------------------------ setup helpers
     def _config(self) -> dict[str, Any]:
@@ -754,8 +880,11 @@ class _Trainer:
             "momentum": a.momentum,
             "trust_coefficient": a.trust_coefficient,
             "precision": self.precision,
+            "channels_last": bool(a.channels_last),
+            "compile": bool(a.compile),
             "seed": a.seed,
             "device": str(self.device),
+            "world_size": self.ranks.world,
         }
 
     def _check_compatible(self, saved: dict[str, Any], source: Path | None) -> None:
@@ -799,24 +928,38 @@ class _Trainer:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         self.skipped_total = int(ckpt.get("skipped_images", 0))
         self.elapsed_before = float(ckpt.get("elapsed_s", 0.0))
-        set_rng_state(ckpt["rng"])
         saved = ckpt.get("config", {})
-        ignore = {*MODEL_KEYS, "version", "total_steps", "epochs", "max_steps", "device", "warmup_steps"}
+        per_rank = ckpt.get("rng_per_rank") or [ckpt["rng"]]
+        if len(per_rank) == self.ranks.world:
+            set_rng_state(per_rank[self.ranks.rank])
+        else:  # another number of processes: the data order is the same, the augmentations' random draws are not
+            self._seed_everything(self.args.seed + 1_000_003 * self.step + self.ranks.rank)
+            if self.ranks.main:
+                warnings.warn(
+                    f"the checkpoint was written by {len(per_rank)} process(es), this run has {self.ranks.world}: the "
+                    "random generators are re-seeded, so augmentations differ from an uninterrupted run (the data order "
+                    "and the schedules do not)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        ignore = {*MODEL_KEYS, "version", "total_steps", "epochs", "max_steps", "device", "warmup_steps", "world_size"}
         changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in self.config.items() if k not in ignore and k in saved and saved[k] != v]
-        if changed:
+        if changed and self.ranks.main:
             warnings.warn(f"settings changed since the checkpoint: {', '.join(changed)}", RuntimeWarning, stacklevel=2)
         old_total = saved.get("total_steps")
-        if old_total is not None and old_total != self.total_steps:
+        if old_total is not None and old_total != self.total_steps and self.ranks.main:
             warnings.warn(
                 f"training length changed from {old_total} to {self.total_steps} steps: the learning-rate and tau "
                 "schedules continue from the current step on the new length",
                 RuntimeWarning,
                 stacklevel=2,
             )
-        _truncate_metrics(self.metrics_path, self.step)
+        if self.ranks.main:
+            _truncate_metrics(self.metrics_path, self.step)
 
     # ------------------------------------------------------------------ checkpoints and outputs
     def _state(self) -> dict[str, Any]:
+        rngs = self.ranks.gather(rng_state())
         return {
             "learner": self.learner.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -826,41 +969,49 @@ class _Trainer:
             "batch_in_epoch": self.batch_in_epoch,
             "skipped_images": self.skipped_total,
             "elapsed_s": self._elapsed(),
-            "rng": rng_state(),
+            "rng": rngs[0],
+            "rng_per_rank": rngs if self.ranks.world > 1 else None,
             "config": self.config,
         }
 
     def save(self) -> None:
-        """Writes ``OUT/last.pt`` (previous one kept as ``last.prev.pt``)."""
+        """Writes ``OUT/last.pt`` (previous one kept as ``last.prev.pt``); on rank 0, with every rank's RNG state."""
         epoch, batch = self.epoch, self.batch_in_epoch
         if batch >= self.steps_per_epoch:  # end of an epoch: resume at the start of the next one
             self.epoch, self.batch_in_epoch = epoch + 1, 0
         start = time.perf_counter()
         try:
-            save_checkpoint(self._state(), self.ckpt_path)
+            state = self._state()  # a collective: every rank takes part
+            if self.ranks.main:
+                save_checkpoint(state, self.ckpt_path)
         finally:
             self.epoch, self.batch_in_epoch = epoch, batch
         self.window_start += time.perf_counter() - start  # images/s measures training only
 
     def export_backbones(self) -> None:
-        """Writes ``OUT/backbone.pt`` and ``OUT/backbone_ema.pt`` (plain ``state_dict``, CPU tensors)."""
+        """Writes ``OUT/backbone.pt`` and ``OUT/backbone_ema.pt`` (plain ``state_dict``, CPU tensors); rank 0."""
+        if not self.ranks.main:
+            return
         cpu = lambda sd: {k: v.detach().cpu() for k, v in sd.items()}  # noqa: E731
         atomic_save(cpu(self.learner.net.state_dict()), self.out / "backbone.pt")
         if self.learner.target_encoder is not None:
             atomic_save(cpu(self.learner.target_encoder.net.state_dict()), self.out / "backbone_ema.pt")
 
     def _say(self, msg: str) -> None:
-        self.bar.write(msg, file=sys.stderr)
+        if self.ranks.main:
+            self.bar.write(msg, file=sys.stderr)
 
     def _plot(self) -> None:
         self.last_plot = time.perf_counter()
-        plot_metrics(self.metrics_path, self.out / "metrics.png")
+        if self.ranks.main:
+            plot_metrics(self.metrics_path, self.out / "metrics.png")
 
     def _elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.t_start
 
     def _log(self, record: dict[str, Any]) -> None:
-        self.metrics_file.write(json.dumps(record) + "\n")
+        if self.metrics_file is not None:
+            self.metrics_file.write(json.dumps(record) + "\n")
 
     # ------------------------------------------------------------------ evaluation
     def _eval_split(self, name: str, dataset: LabelledImageFolder) -> Any:
@@ -888,8 +1039,8 @@ class _Trainer:
         return cached
 
     def evaluate(self) -> None:
-        """kNN accuracy of the online backbone's representation, logged as an ``eval`` record."""
-        if self.eval_sets is None:
+        """kNN accuracy of the online backbone's representation, logged as an ``eval`` record (rank 0 only)."""
+        if self.eval_sets is None or not self.ranks.main:
             return
         from .evaluate import collapse_stats, extract_features, knn_accuracy
 
@@ -920,24 +1071,32 @@ class _Trainer:
         self.window_start += seconds  # images/s measures training only
         record.update(eval_seconds=round(seconds, 3), time=round(self._elapsed(), 3))
         self._log(record)
-        self.metrics_file.flush()
+        self._flush_file()
         self._say(f"step {self.step}: kNN accuracy {100 * acc:.2f}% (k={self.args.knn_k})")
         if time.perf_counter() - self.last_plot > _PLOT_INTERVAL_S and self.step < self.total_steps:
             self._plot()  # refreshed during long runs; always written at the end
 
     # ------------------------------------------------------------------ training
+    def _flush_file(self) -> None:
+        if self.metrics_file is not None:
+            self.metrics_file.flush()
+
     def _flush(self) -> None:
-        """Fetches the pending losses in one transfer and writes their per-step records."""
+        """Fetches the pending losses in one transfer and writes their per-step records.
+
+        With several ranks the losses are averaged over the ranks first (one collective per flush, at the same
+        steps on every rank), so the log shows the loss of the global batch and every rank sees a divergence.
+        """
         if not self.pending:
             return
-        losses = torch.stack([p["loss"] for p in self.pending]).float().cpu().tolist()
+        losses = self.ranks.mean(torch.stack([p["loss"] for p in self.pending]).float()).cpu().tolist()
         now = time.perf_counter()
-        rate = self.window_images / max(now - self.window_start, 1e-9)
+        rate = self.ranks.world * self.window_images / max(now - self.window_start, 1e-9)
         for p, loss in zip(self.pending, losses):
             p["loss"] = loss
             p["images_per_sec"] = round(rate, 2)
             self._log(p)
-        self.metrics_file.flush()
+        self._flush_file()
         done, self.pending = self.pending, []
         last = done[-1]
         self.window_images, self.window_start = 0, now
@@ -959,7 +1118,7 @@ class _Trainer:
         self.current_lr, self.current_tau = lr, self.learner.tau
         images = images.to(self.device, non_blocking=True)
         with _autocast(self.device, self.precision):
-            loss = self.learner(images)
+            loss = self.model(images)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -978,13 +1137,15 @@ class _Trainer:
         self.t_start = self.last_plot = time.perf_counter()
         self.pending: list[dict[str, Any]] = []
         self.window_images, self.window_start = 0, time.perf_counter()
-        self.bar = _progress_bar(self.total_steps, self.step, args.no_progress)
+        self.bar = _progress_bar(self.total_steps, self.step, args.no_progress or not self.ranks.main)
         if self.resumed_from is not None:
             self._say(
                 f"resuming from {self.resumed_from} at step {self.step}/{self.total_steps} "
                 f"(epoch {self.epoch}, batch {self.batch_in_epoch}/{self.steps_per_epoch})"
             )
-        self.metrics_file = open(self.metrics_path, "a", encoding="utf-8")
+        if self.ranks.world > 1:
+            self._say(f"{self.ranks.world} processes, {self.rank_batch} images each per step (global batch {args.batch_size})")
+        self.metrics_file = open(self.metrics_path, "a", encoding="utf-8") if self.ranks.main else None
         try:
             with _graceful_stop() as stop:
                 return self._loop(stop)
@@ -993,7 +1154,8 @@ class _Trainer:
             return 1
         finally:
             self.bar.close()
-            self.metrics_file.close()
+            if self.metrics_file is not None:
+                self.metrics_file.close()
 
     def _loop(self, stop: dict[str, int]) -> int:
         args = self.args
@@ -1005,9 +1167,17 @@ class _Trainer:
             skipped_epoch, step_at_start = 0, self.step
             for images, _, skipped in self.loader:
                 self.batch_in_epoch += 1
+                too_few = images.shape[0] < 2  # fewer readable images than BatchNorm needs: skip the batch
+                stopping: bool | None = None  # one process: read the signal flag when it is needed
+                if self.ranks.world > 1:
+                    # Every rank must take the same steps and stop after the same one: agree on host flags (gloo,
+                    # no GPU sync). A batch is skipped everywhere if any rank has too few images; a signal to any
+                    # rank stops all of them (a signal arriving after this point counts at the next batch).
+                    few, signalled, skipped = self.ranks.sum(int(too_few), int(bool(stop)), skipped)
+                    too_few, stopping = few > 0, signalled > 0
                 skipped_epoch += skipped
                 self.skipped_total += skipped
-                stepped = images.shape[0] >= 2  # fewer readable images than BatchNorm needs: skip the batch
+                stepped = not too_few
                 if stepped:
                     loss = self._train_step(images)
                     self.pending.append(
@@ -1039,13 +1209,15 @@ class _Trainer:
                     self._flush()
                     if done or (args.eval_every and (self.epoch + 1) % args.eval_every == 0):
                         self.evaluate()
-                if done or stop or (stepped and self.step % args.checkpoint_every == 0):
+                if stopping is None:
+                    stopping = bool(stop)
+                if done or stopping or (stepped and self.step % args.checkpoint_every == 0):
                     self._flush()
                     self.save()
                 if done:
                     break
-                if stop:
-                    sig = stop["signal"]
+                if stopping:
+                    sig = stop.get("signal", signal.SIGTERM)  # SIGTERM where another rank got the signal
                     self._plot()
                     self._say(f"stopped by signal {sig} at step {self.step}; checkpoint saved to {self.ckpt_path}")
                     return 128 + sig
@@ -1062,6 +1234,8 @@ class _Trainer:
         self._flush()
         self.export_backbones()
         self._plot()
+        if not self.ranks.main:
+            return
         msg = f"done: {self.step} steps; backbones in {self.out / 'backbone.pt'} and {self.out / 'backbone_ema.pt'}"
         if self.skipped_total:
             msg += f"; {self.skipped_total} unreadable image(s) skipped"
@@ -1137,28 +1311,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version or a parse error (already printed)
         return int(exc.code or 0)
+    ranks: _Ranks | None = None
     try:
-        if args.demo:
-            args = _apply_demo(args, parser, argv)
-        trainer = _Trainer(args)
-    except UsageError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    if trainer.step >= trainer.total_steps:
-        trainer.export_backbones()
-        if not (trainer.out / "metrics.png").exists():
-            plot_metrics(trainer.metrics_path, trainer.out / "metrics.png")
-        print(
-            f"training in {trainer.out} is already complete ({trainer.step}/{trainer.total_steps} steps); "
-            "backbones re-exported. Raise --epochs or --max-steps to train longer",
-            file=sys.stderr,
-        )
-        return 0
-    try:
-        return trainer.run()
-    except KeyboardInterrupt:  # a second Ctrl-C: stop at once
-        print(f"{PROG}: interrupted; resume from the last checkpoint in {trainer.out} by re-running the command", file=sys.stderr)
-        return 130
+        try:
+            ranks, device = _start_ranks(args.device)
+            if args.demo:
+                if ranks.main:  # rank 0 generates the demo data; the others then find it complete and reuse it
+                    args = _apply_demo(args, parser, argv)
+                ranks.barrier()
+                if not ranks.main:
+                    args = _apply_demo(args, parser, argv)
+            trainer = _Trainer(args, ranks, device)
+        except UsageError as exc:
+            if ranks is None or ranks.main:
+                print(f"{PROG}: error: {exc}", file=sys.stderr)
+            return 2
+        if trainer.step >= trainer.total_steps:
+            if ranks.main:
+                trainer.export_backbones()
+                if not (trainer.out / "metrics.png").exists():
+                    plot_metrics(trainer.metrics_path, trainer.out / "metrics.png")
+                print(
+                    f"training in {trainer.out} is already complete ({trainer.step}/{trainer.total_steps} steps); "
+                    "backbones re-exported. Raise --epochs or --max-steps to train longer",
+                    file=sys.stderr,
+                )
+            return 0
+        try:
+            status = trainer.run()
+        except KeyboardInterrupt:  # a second Ctrl-C: stop at once
+            print(f"{PROG}: interrupted; resume from the last checkpoint in {trainer.out} by re-running the command", file=sys.stderr)
+            return 130
+        if status == 0:
+            ranks.barrier()  # rank 0 has written the backbones before any rank reports success
+        return status
+    finally:
+        if ranks is not None and ranks.world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -140,3 +140,32 @@ def test_epoch_sampler_is_deterministic_resumable_and_leaves_global_rng_alone() 
         EpochSampler(0)
     with pytest.raises(ValueError, match="start"):
         s.set_epoch(0, start=11)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("start", [0, 6])
+def test_epoch_sampler_shards_the_same_global_batches_over_ranks(world, start) -> None:
+    n, per_rank = 29, 2
+    batch = per_rank * world
+    single = EpochSampler(n, seed=5)
+    single.set_epoch(2, start=start)
+    global_batches = list(torch.utils.data.BatchSampler(single, batch, drop_last=True))
+    rank_batches = []
+    for rank in range(world):
+        s = EpochSampler(n, seed=5, num_replicas=world, rank=rank)
+        s.set_epoch(2, start=start)
+        indices = list(s)
+        assert len(indices) == len(s) == (n - start) // world  # every rank yields as many indices
+        rank_batches.append(list(torch.utils.data.BatchSampler(indices, per_rank, drop_last=True)))
+    assert len({len(b) for b in rank_batches}) == 1 and len(rank_batches[0]) == len(global_batches)
+    for k, expected in enumerate(global_batches):  # batch k of all ranks together = global batch k
+        assert sorted(i for b in rank_batches for i in b[k]) == sorted(expected)
+
+
+def test_epoch_sampler_rejects_bad_ranks() -> None:
+    with pytest.raises(ValueError, match="num_replicas"):
+        EpochSampler(10, num_replicas=0)
+    with pytest.raises(ValueError, match="rank must be"):
+        EpochSampler(10, num_replicas=2, rank=2)
+    with pytest.raises(ValueError, match="rank must be"):
+        EpochSampler(10, num_replicas=2, rank=-1)

@@ -413,3 +413,40 @@ def test_plot_is_skipped_with_a_warning_without_matplotlib(tmp_path: Path, monke
     with pytest.warns(RuntimeWarning, match="matplotlib is not installed"):
         assert plot_metrics(metrics, tmp_path / "m.png") is False
     assert not (tmp_path / "m.png").exists()
+
+
+def test_channels_last_and_compile_flags(folders: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from byol_wrapper.train import _Trainer, build_parser
+
+    compiled: list[torch.nn.Module] = []
+    calls: list[int] = []
+
+    def fake_compile(module: torch.nn.Module, **kwargs):  # stands in for inductor (minutes on this CPU)
+        compiled.append(module)
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            calls.append(x.shape[0])
+            return module(x)
+
+        return forward
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    out = tmp_path / "run"
+    args = build_parser().parse_args(_args(folders["data"], out, "--channels-last", "--compile", "--max-steps", "2", model=RESNET))
+    trainer = _Trainer(args)
+    assert compiled == [trainer.learner]  # the whole learner forward is compiled, once
+    conv = trainer.learner.net.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert trainer.run() == 0
+    assert calls == [4, 4]  # every training step went through the compiled forward
+    config = json.loads((out / "config.json").read_text())
+    assert config["channels_last"] is True and config["compile"] is True
+    assert set(load_checkpoint(out / "last.pt")["learner"]) == set(trainer.learner.state_dict())  # plain keys
+
+
+@pytest.mark.slow
+def test_compile_flag_with_inductor(folders: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    argv = _args(folders["data"], out, "--compile", "--max-steps", "2", model=["--backbone", "byol_wrapper.demo:SmallCNN", "--hidden-layer", "pool"])
+    assert main(argv) == 0
+    assert [r["step"] for r in _records(out)] == [1, 2] and all(np.isfinite(r["loss"]) for r in _records(out))
