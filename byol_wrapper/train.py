@@ -1342,8 +1342,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:  # a second Ctrl-C: stop at once
             print(f"{PROG}: interrupted; resume from the last checkpoint in {trainer.out} by re-running the command", file=sys.stderr)
             return 130
-        if status == 0:
-            ranks.barrier()  # rank 0 has written the backbones before any rank reports success
+        # Every rank ends here with the same status (they agree on every step and on stopping): rank 0 has written
+        # its checkpoint and backbones before any rank leaves the process group.
+        ranks.barrier()
         return status
     finally:
         if ranks is not None and ranks.world > 1:

@@ -57,11 +57,13 @@ def _steps(out: Path) -> list[int]:
 
 def test_torchrun_two_ranks_train_resume_and_continue_in_one_process(data: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    argv = _argv(data, out, "--checkpoint-every", "2")
+    argv = _argv(data, out, "--checkpoint-every", "2", "--eval-data", str(data), "--knn-k", "4")
     proc = _torchrun([*argv, "--max-steps", "4"])
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "2 processes, 4 images each per step (global batch 8)" in proc.stderr
     assert _steps(out) == [1, 2, 3, 4]  # rank 0 alone writes the log, each step once
+    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["event"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 3, 4] and proc.stderr.count("kNN accuracy:") == 1  # rank 0 evaluates, every epoch (3 steps)
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
     state = load_checkpoint(out / "last.pt")
     assert state["step"] == 4 and state["epoch"] == 1  # 24 images / global batch 8 = 3 steps per epoch
