@@ -204,7 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=_positive_int, default=256, help="images per optimizer step")
+    g.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=256,
+        help="images per optimizer step, over all processes under torchrun (each takes an equal share)",
+    )
     g.add_argument("--epochs", type=_positive_int, default=100, help="passes over --data")
     g.add_argument("--max-steps", type=_positive_int, default=None, help="total optimizer steps (overrides --epochs)")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default="lars", help="LARS as in the paper, AdamW or SGD with momentum")
