@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -454,8 +455,6 @@ class _Ranks:
         """The element-wise sum of ``values`` over all ranks (host ints, gloo)."""
         if self.world == 1:
             return list(values)
-        import torch.distributed as dist
-
         t = torch.tensor(values, dtype=torch.int64)
         dist.all_reduce(t, group=self.host_group)
         return [int(v) for v in t.tolist()]
@@ -464,8 +463,6 @@ class _Ranks:
         """Every rank's ``obj``, in rank order (on every rank)."""
         if self.world == 1:
             return [obj]
-        import torch.distributed as dist
-
         out: list[Any] = [None] * self.world
         dist.all_gather_object(out, obj, group=self.host_group)
         return out
@@ -474,16 +471,12 @@ class _Ranks:
         """The mean of ``t`` over all ranks (a device collective)."""
         if self.world == 1:
             return t
-        import torch.distributed as dist
-
         t = t.clone()
         dist.all_reduce(t)
         return t / self.world
 
     def barrier(self) -> None:
         if self.world > 1:
-            import torch.distributed as dist
-
             dist.barrier(group=self.host_group)
 
 
@@ -499,8 +492,6 @@ def _start_ranks(spec: str | None) -> tuple[_Ranks, torch.device]:
     device = _resolve_device(spec)
     if world <= 1:
         return _Ranks(), device
-    import torch.distributed as dist
-
     if not dist.is_available():
         raise UsageError(f"WORLD_SIZE={world} (torchrun) but this torch build has no torch.distributed")
     if device.type == "cuda":
@@ -684,6 +675,9 @@ def _graceful_stop() -> Iterator[dict[str, int]]:
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
             previous[sig] = signal.signal(sig, handler)
+            # Restart interrupted system calls (SA_RESTART): the flag is read at step boundaries anyway, and a
+            # signal must not fail a blocking call inside the DataLoader or a collective (EINTR).
+            signal.siginterrupt(sig, False)
         except (ValueError, OSError):  # pragma: no cover
             pass
     try:
@@ -1352,11 +1346,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ranks.barrier()
         return status
     finally:
-        if ranks is not None and ranks.world > 1:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        if ranks is not None and ranks.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
