@@ -363,8 +363,7 @@ def _hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     v = x.amax(-3)
     chroma = v - x.amin(-3)
     # kornia's v * s is v * chroma / (v + 1e-8): chroma to within 1e-8 (chroma <= v), and exactly 0 for black
-    # and gray pixels, so chroma itself stands in for it (two fewer full-image passes than computing s)
-    vs = chroma
+    # and gray pixels, so chroma itself stands in for it below (two fewer full-image passes than computing s)
     inv = 1.0 / torch.where(chroma == 0, 1.0, chroma)  # gray pixels: hue 0, and chroma 0 keeps them gray
     hue = torch.where(
         (r >= g) & (r >= b), (g - b) * inv, torch.where(g >= b, (b - r) * inv + 2.0, (r - g) * inv + 4.0)
@@ -375,7 +374,7 @@ def _hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     for n in (5.0, 3.0, 1.0):
         k = hue + n
         k = torch.where(k >= 6.0, k - 6.0, k)
-        channels.append(torch.addcmul(v, vs, torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0), value=-1.0))
+        channels.append(torch.addcmul(v, chroma, torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0), value=-1.0))
     return torch.stack(channels, dim=-3)
 
 
@@ -497,7 +496,7 @@ def _color_jitter(
 # On the CPU the views transform the batch in slices of about this many output values (4 MiB of float32 per
 # tensor). Each of the ~50 intermediate tensors of a view is then small enough for the allocator to reuse
 # its memory, where a whole batch's worth (e.g. 77 MB at 224 px, batch 128) is mapped afresh from the OS and
-# page-faulted in every time: 1.3x faster at 224 px with glibc's malloc (see benchmarks/RESULTS.md), and
+# page-faulted in every time: 1.3-2.6x faster at 224 px with glibc's malloc (benchmarks/RESULTS.md), and
 # the same results. Not on GPUs, where one kernel per op over the whole batch is what is fast.
 _CPU_CHUNK_VALUES = 1 << 20
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import numbers
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -34,6 +33,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
+from .evaluate import _check_int
 from .optim import OPTIMIZERS
 
 __all__ = [
@@ -101,14 +101,6 @@ _SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down (anti-aliasing)
 
 # ----------------------------------------------------------------------------------------------------------
 # argument validation
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int >= {minimum}; got {type(value).__name__} {value!r}")
-    if int(value) < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}; got {value}")
-    return int(value)
 
 
 def _check_root(root: Any) -> Path:
