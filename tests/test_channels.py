@@ -281,6 +281,27 @@ def test_cli_trains_on_16_bit_grayscale_pngs_resumes_and_exports_a_one_channel_b
     net.load_state_dict(state)
     # resuming with another channel count is refused (exit 2)
     assert main([*_args(data / "train", out, *backbone, "--channels", "3"), "--max-steps", "6"]) == 2
+    if backbone[1] == "resnet18":  # examples/finetune.py takes the 1-channel ResNet-18 and the 16-bit folders
+        finetune = _import_example("finetune")
+        for mode in ("finetune", "linear"):
+            results = finetune.main(["--backbone", str(out / "backbone.pt"), "--data", str(data), "--channels", "1",
+                                     "--mode", mode, "--epochs", "1", "--batch-size", "4", "--image-size", "16",
+                                     "--threads", "1", "--device", "cpu"])
+            assert 0.0 <= results["test_top1"] <= 1.0
+        with pytest.raises(SystemExit, match="takes 1 input channels but --channels is 3"):
+            finetune.main(["--backbone", str(out / "backbone.pt"), "--data", str(data), "--channels", "3", "--epochs", "1"])
+
+
+def _import_example(name: str):
+    import importlib
+    import sys
+
+    examples = str(Path(__file__).resolve().parents[1] / "examples")
+    sys.path.insert(0, examples)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(examples)
 
 
 @pytest.mark.parametrize("kind", ["tiff", "npy"])
