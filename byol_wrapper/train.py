@@ -385,7 +385,16 @@ def build_backbone(
                 close = difflib.get_close_matches(name, torchvision.models.list_models(), n=5)
                 hint = f"; did you mean {', '.join(close)}?" if close else "; see torchvision.models.list_models()"
                 raise ValueError(f"--backbone {name!r} is not a torchvision model (and timm is not installed){hint}") from None
-            model = _timm_model(name, {"in_chans": channels, **kwargs} if channels is not None else kwargs)
+            try:
+                model = _timm_model(name, {"in_chans": channels, **kwargs} if channels is not None else kwargs)
+            except ValueError:
+                import timm
+
+                if name in timm.list_models():
+                    raise
+                close = difflib.get_close_matches(name, [*torchvision.models.list_models(), *timm.list_models()], n=5)
+                hint = f"; did you mean {', '.join(close)}?" if close else "; see torchvision.models.list_models() and timm.list_models()"
+                raise ValueError(f"--backbone {name!r} is neither a torchvision nor a timm model{hint}") from None
         else:
             model = builder(weights=None, **kwargs)
             if channels is not None:
