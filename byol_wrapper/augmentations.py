@@ -95,26 +95,36 @@ _C_SOLARIZE = _C_SIGMA + 1
 _N_RAND = _C_SOLARIZE + 1
 
 
+# Integer image dtypes accepted like uint8 and scaled by their range (torch.uint16 exists from torch 2.3).
+_INTEGER_IMAGE_DTYPES = tuple(d for d in (torch.uint8, getattr(torch, "uint16", None), torch.int16) if d is not None)
+
+
 def to_float_image(x: torch.Tensor) -> torch.Tensor:
     """Convert a batch of images to float32 in ``[0, 1]``.
 
-    ``uint8`` images are divided by 255. Floating-point images of any precision are cast to float32 and are
+    Integer images are scaled by their dtype's range: ``uint8`` divided by 255, ``uint16`` (16-bit PNG/TIFF)
+    divided by 65535, ``int16`` mapped from ``[-32768, 32767]`` to ``[0, 1]``. Floating-point images of any precision are cast to float32 and are
     assumed to hold values in ``[0, 1]`` already (they are not rescaled or clamped). A float32 input is
     returned as is, without a copy.
 
     Args:
-        x: Images of shape ``(B, C, H, W)``, ``uint8`` or floating point.
+        x: Images of shape ``(B, C, H, W)``, ``uint8``, ``uint16``, ``int16`` or floating point.
 
     Returns:
         The images as float32, same shape and device.
 
     Raises:
-        TypeError: If ``x`` is not a tensor, or its dtype is neither ``uint8`` nor floating point.
+        TypeError: If ``x`` is not a tensor, or its dtype is neither one of those integers nor floating point.
         ValueError: If ``x`` is not 4-D.
     """
     _check_images(x)
-    if x.dtype == torch.uint8:
-        return x.to(torch.float32).div_(255.0)
+    if x.dtype in _INTEGER_IMAGE_DTYPES:
+        # Scaled by the dtype's range: uint8 / 255, uint16 / 65535, int16 (x + 32768) / 65535.
+        info = torch.iinfo(x.dtype)
+        x = x.to(torch.float32)
+        if info.min:
+            x = x.sub_(info.min)
+        return x.div_(float(info.max - info.min))
     return x if x.dtype == torch.float32 else x.to(torch.float32)
 
 
@@ -125,10 +135,10 @@ def _check_images(x: Any) -> None:
     if x.ndim != 4:
         hint = "; add a batch dimension with x.unsqueeze(0)" if x.ndim == 3 else ""
         raise ValueError(f"x must be a 4-D tensor of shape (B, C, H, W); got shape {tuple(x.shape)}{hint}")
-    if x.dtype != torch.uint8 and not x.dtype.is_floating_point:
+    if x.dtype not in _INTEGER_IMAGE_DTYPES and not x.dtype.is_floating_point:
         raise TypeError(
-            f"x must be uint8 (values 0..255) or floating point (values in [0, 1]); got dtype {x.dtype}. "
-            "Convert it first, e.g. x.float() / x.max() or x.to(torch.uint8)"
+            f"x must be uint8, uint16 or int16 (scaled by the dtype's range) or floating point (values in [0, 1]); "
+            f"got dtype {x.dtype}. Convert it first, e.g. x.float() / x.max() or x.to(torch.uint8)"
         )
 
 

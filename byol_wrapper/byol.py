@@ -17,7 +17,8 @@ from torch import nn
 from torch.func import functional_call
 
 from .augmentations import IMAGENET_MEAN, IMAGENET_STD, byol_views, to_float_image
-from .extractor import HiddenLayerExtractor, LayerSpec, TokenPool, preserved_state
+from .channels import default_normalization
+from .extractor import HiddenLayerExtractor, LayerSpec, OutputKey, TokenPool, preserved_state
 from .heads import MLP, SimSiamMLP
 from .loss import symmetric_loss
 from .momentum import BUFFER_POLICIES, BufferPolicy, EMAPlan, apply_ema_, copy_weights_, cosine_tau, make_ema_plan
@@ -124,10 +125,13 @@ class NetWrapper(HiddenLayerExtractor):
         projector: The projection MLP (may be set after construction).
         layer: Hidden layer; see :func:`byol_wrapper.extractor.resolve_layer`.
         token_pool: Pooling for 3-D token outputs (``"cls"`` or ``"mean"``).
+        output_key: Entry of a structured hidden-layer output; see :func:`byol_wrapper.extractor.select_output`.
     """
 
-    def __init__(self, net: nn.Module, projector: nn.Module | None, layer: LayerSpec = -2, token_pool: TokenPool = "cls") -> None:
-        super().__init__(net, layer, token_pool)
+    def __init__(
+        self, net: nn.Module, projector: nn.Module | None, layer: LayerSpec = -2, token_pool: TokenPool = "cls", output_key: OutputKey = None
+    ) -> None:
+        super().__init__(net, layer, token_pool, output_key)
         self.projector = projector
 
     def forward(self, x: torch.Tensor, return_projection: bool = True):
@@ -175,9 +179,15 @@ class BYOL(nn.Module):
             ``moving_average_decay`` to 1. ``None`` keeps tau constant.
         token_pool: Pooling of 3-D ``(B, T, D)`` hidden outputs: ``"cls"`` (first token) or ``"mean"``.
         channels: Input channel count; inferred from the first convolution, else 3.
-        mean: Normalisation mean applied after the built-in augmentations (ImageNet's by default); ``None``
-            disables normalisation.
-        std: Normalisation std (ImageNet's by default).
+        mean: Normalisation mean applied after the built-in augmentations; ``None`` disables normalisation.
+            Left at its default, it fits ``channels``: ImageNet's RGB mean for 3 channels, else its luminance
+            equivalent ``0.459`` for every channel (see :func:`byol_wrapper.channels.default_normalization`).
+            An explicit mean must have one value per channel.
+        std: Normalisation std; the default fits ``channels`` like ``mean`` (``0.226`` per channel unless 3).
+        output_key: Which entry of a hidden-layer output that is not a tensor (a ``transformers``
+            ``ModelOutput``, dict, namedtuple or tuple) is the representation. ``None`` (default):
+            ``pooler_output`` if present, else ``last_hidden_state`` pooled with ``token_pool``, else the
+            first tensor (see :func:`byol_wrapper.extractor.select_output`).
         buffer_policy: How target buffers (BatchNorm running statistics) follow the online network:
             ``"ema"`` (default) lerps floating buffers with the same tau and copies integer ones; ``"copy"``
             copies them; in both cases the target's own forward passes leave its running statistics untouched
@@ -211,6 +221,7 @@ class BYOL(nn.Module):
         buffer_policy: BufferPolicy = "ema",
         concat_views: bool = False,
         augment_kwargs: dict[str, Any] | None = None,
+        output_key: OutputKey = None,
     ) -> None:
         super().__init__()
         if not isinstance(net, nn.Module):
@@ -230,6 +241,11 @@ class BYOL(nn.Module):
         if isinstance(channels, bool) or not isinstance(channels, int) or channels <= 0:
             raise ValueError(f"channels must be a positive int, got {channels!r}")
         self.channels = channels
+        # The defaults (the IMAGENET_MEAN / IMAGENET_STD objects themselves) follow the channel count.
+        if mean is IMAGENET_MEAN:
+            mean = default_normalization(channels)[0]
+        if std is IMAGENET_STD:
+            std = default_normalization(channels)[1]
         self.moving_average_decay = float(moving_average_decay)
         self.total_steps = total_steps
         self.use_momentum = bool(use_momentum)
@@ -259,7 +275,7 @@ class BYOL(nn.Module):
         self._layout_conv = (_first_conv2d(net),)  # a tuple, so it is not registered as a submodule
 
         # Online encoder: backbone (hooked) + projector sized from the real hidden dimension.
-        self.online_encoder = NetWrapper(net, None, hidden_layer, token_pool)
+        self.online_encoder = NetWrapper(net, None, hidden_layer, token_pool, output_key)
         if hidden_dim is None:
             hidden_dim = self._probe_hidden_dim(dtype)
         elif isinstance(hidden_dim, bool) or not isinstance(hidden_dim, int) or hidden_dim <= 0:

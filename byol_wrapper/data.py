@@ -23,6 +23,8 @@ from typing import Any, Optional
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from .image_io import ARRAY_EXTENSIONS, load_image
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "EpochSampler",
@@ -60,14 +62,15 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def find_images(root: str | os.PathLike[str]) -> list[Path]:
+def find_images(root: str | os.PathLike[str], extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[Path]:
     """All image files under ``root``, recursively, sorted; hidden files and folders are ignored.
 
     Args:
         root: Folder to scan.
+        extensions: Lower-case extensions to keep (default :data:`IMAGE_EXTENSIONS`).
 
     Returns:
-        Sorted paths of the files whose extension is in :data:`IMAGE_EXTENSIONS` (links are followed).
+        Sorted paths of the files whose extension is in ``extensions`` (links are followed).
 
     Raises:
         TypeError: ``root`` is not a path.
@@ -77,7 +80,7 @@ def find_images(root: str | os.PathLike[str]) -> list[Path]:
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(Path(dirpath) / f for f in filenames if not f.startswith(".") and _is_image(f))
+        found.extend(Path(dirpath) / f for f in filenames if not f.startswith(".") and f.lower().endswith(tuple(extensions)))
     return sorted(found)
 
 
@@ -110,20 +113,28 @@ class ImageFolderDataset(Dataset):
         load_size: Side of the square uint8 images returned.
         mode: PIL mode, ``"RGB"`` (3 channels) or ``"L"`` (1 channel).
         warn: Emit a warning for each unreadable file.
+        channels: Decode at full precision to this many channels instead (16-bit PNG/TIFF, multi-page TIFF,
+            ``.npy`` files, which are then scanned too): the images are float32 in ``[0, 1]``; see
+            :mod:`byol_wrapper.image_io`. ``None`` (default): 8-bit ``mode`` decoding, uint8 images.
 
     Raises:
         TypeError: ``root`` is not a path.
         ValueError: ``root`` is missing or holds no image, or ``load_size`` is not a positive int.
     """
 
-    def __init__(self, root: str | os.PathLike[str], load_size: int, *, mode: str = "RGB", warn: bool = True) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str], load_size: int, *, mode: str = "RGB", warn: bool = True, channels: int | None = None
+    ) -> None:
         self.root = _check_root(root, "root")
         self.load_size = _check_size(load_size)
         if mode not in ("RGB", "L"):
             raise ValueError(f"mode must be 'RGB' or 'L', got {mode!r}")
+        if channels is not None and (isinstance(channels, bool) or not isinstance(channels, int) or channels <= 0):
+            raise ValueError(f"channels must be a positive int or None, got {channels!r}")
         self.mode = mode
+        self.channels = channels
         self.warn = bool(warn)
-        self.files = find_images(self.root)
+        self.files = find_images(self.root, IMAGE_EXTENSIONS if channels is None else IMAGE_EXTENSIONS + ARRAY_EXTENSIONS)
         if not self.files:
             raise ValueError(
                 f"root {str(self.root)!r} contains no image files (extensions {', '.join(IMAGE_EXTENSIONS)}); "
@@ -141,7 +152,10 @@ class ImageFolderDataset(Dataset):
         """``(image, label)`` with a uint8 ``(C, load_size, load_size)`` image, or ``None`` if unreadable."""
         path = self.files[index]
         try:
-            image = _load_image(path, self.load_size, self.mode)
+            if self.channels is None:
+                image = _load_image(path, self.load_size, self.mode)
+            else:
+                image = load_image(path, self.load_size, self.channels)
         except Exception as exc:  # noqa: BLE001 - any decoding failure: skip the file, never crash training
             if self.warn:
                 warnings.warn(f"skipping unreadable image {str(path)!r}: {type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
@@ -159,6 +173,7 @@ class LabelledImageFolder(ImageFolderDataset):
             defaults to the sorted subfolders that contain images.
         mode: PIL mode.
         warn: Emit a warning for each unreadable file.
+        channels: Full-precision decoding to this many channels; see :class:`ImageFolderDataset`.
 
     Raises:
         ValueError: ``root`` is missing or empty, holds images outside class subfolders only, or a class
@@ -173,8 +188,9 @@ class LabelledImageFolder(ImageFolderDataset):
         classes: Sequence[str] | None = None,
         mode: str = "RGB",
         warn: bool = True,
+        channels: int | None = None,
     ) -> None:
-        super().__init__(root, load_size, mode=mode, warn=warn)
+        super().__init__(root, load_size, mode=mode, warn=warn, channels=channels)
         keep = [(p, c) for p in self.files if (c := _class_of(self.root, p)) is not None]
         if not keep:
             raise ValueError(

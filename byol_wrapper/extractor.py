@@ -13,13 +13,13 @@ import contextlib
 import copy
 import difflib
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Literal, Union
 
 import torch
 from torch import nn
 
-__all__ = ["HiddenLayerExtractor", "LayerSpec", "pool_features", "preserved_state", "resolve_layer"]
+__all__ = ["HiddenLayerExtractor", "LayerSpec", "OutputKey", "pool_features", "preserved_state", "resolve_layer", "select_output"]
 
 LayerSpec = Union[str, int]
 TokenPool = Literal["cls", "mean"]
@@ -76,10 +76,105 @@ def resolve_layer(net: nn.Module, layer: LayerSpec) -> nn.Module | None:
     )
 
 
-def pool_features(features: torch.Tensor | tuple | list, token_pool: TokenPool = "cls") -> torch.Tensor:
+OutputKey = Union[str, int, None]
+
+
+def _is_namedtuple(value: object) -> bool:
+    return isinstance(value, tuple) and hasattr(value, "_fields")
+
+
+def _output_items(output: object) -> list[tuple[object, object]] | None:
+    """``(key, value)`` pairs of a mapping (``ModelOutput``, dict) or namedtuple output; ``None`` otherwise."""
+    if isinstance(output, Mapping):
+        return list(output.items())
+    if _is_namedtuple(output):
+        return list(zip(output._fields, output))
+    return None
+
+
+def _first_tensor(output: object) -> torch.Tensor | None:
+    """The first tensor in a layer output (a tensor, a mapping's values, or a tuple/list's elements)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    items = _output_items(output)
+    values = [v for _, v in items] if items is not None else output if isinstance(output, (tuple, list)) else []
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return value
+    return None
+
+
+def _describe_keys(items: list[tuple[object, object]]) -> str:
+    return ", ".join(
+        f"{k!r} ({'tensor ' + str(tuple(v.shape)) if isinstance(v, torch.Tensor) else type(v).__name__})" for k, v in items
+    )
+
+
+def select_output(output: object, output_key: OutputKey = None) -> object:
+    """Picks the representation out of a layer output that is not a plain tensor.
+
+    Rule: a tensor is returned as is. For a ``transformers`` ``ModelOutput``, a dict or another mapping, or a
+    namedtuple: the entry ``output_key`` when given; else ``pooler_output`` when present (the model's own pooled
+    summary: ViT's tanh-projected CLS token, DINOv2's normalised CLS token, ResNetModel's pooled map); else
+    ``last_hidden_state`` (pooled afterwards by :func:`pool_features`: tokens by ``token_pool``, maps by a
+    global average); else the first tensor entry. A plain tuple or list: element ``output_key`` (an int) when
+    given, else its first element.
+
+    Args:
+        output: The layer (or model) output.
+        output_key: Name of the entry to use (mapping or namedtuple), or an index (tuple, list, namedtuple).
+
+    Returns:
+        The selected entry (pooled later by :func:`pool_features`).
+
+    Raises:
+        ValueError: ``output_key`` is not an entry of ``output``; the message lists the entries.
+        RuntimeError: ``output`` holds no tensor; the message lists its entries.
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    items = _output_items(output)
+    if items is not None:
+        keys = [k for k, _ in items]
+        if output_key is not None:
+            if isinstance(output_key, int) and not isinstance(output_key, bool) and _is_namedtuple(output):
+                if -len(items) <= output_key < len(items):
+                    return items[output_key][1]
+            elif output_key in keys:
+                return dict(items)[output_key]
+            raise ValueError(
+                f"output_key={output_key!r} is not an entry of the {type(output).__name__} the hooked layer returned; "
+                f"its entries are: {_describe_keys(items) or 'none'}. Pass one of them as output_key"
+            )
+        entries = dict(items)
+        for key in ("pooler_output", "last_hidden_state"):
+            if isinstance(entries.get(key), torch.Tensor):
+                return entries[key]
+        tensor = _first_tensor(output)
+        if tensor is None:
+            raise RuntimeError(
+                f"the hooked layer returned a {type(output).__name__} with no tensor entry (entries: "
+                f"{_describe_keys(items) or 'none'}); hook another layer or pass output_key"
+            )
+        return tensor
+    if isinstance(output, (tuple, list)) and output_key is not None:
+        if isinstance(output_key, int) and not isinstance(output_key, bool) and -len(output) <= output_key < len(output):
+            return output[output_key]
+        raise ValueError(
+            f"output_key={output_key!r} does not index the {type(output).__name__} of {len(output)} elements the hooked "
+            f"layer returned ({', '.join(type(v).__name__ for v in output)}); pass an int in [{-len(output)}, {len(output) - 1}]"
+        )
+    return output
+
+
+def pool_features(
+    features: torch.Tensor | tuple | list | Mapping, token_pool: TokenPool = "cls", output_key: OutputKey = None
+) -> torch.Tensor:
     """Reduces a layer's output to one vector per image.
 
-    Rule: 2-D ``(B, D)`` is kept; 3-D ``(B, T, D)`` is treated as a token sequence and reduced by
+    Rule: a ``ModelOutput``, mapping, namedtuple or tuple is first reduced to one entry by
+    :func:`select_output` (``output_key`` if given, else ``pooler_output``, else ``last_hidden_state``, else
+    the first tensor). Then 2-D ``(B, D)`` is kept; 3-D ``(B, T, D)`` is treated as a token sequence and reduced by
     ``token_pool`` (``"cls"``: the first token, as in ViT; ``"mean"``: the mean over tokens); 4-D and higher
     ``(B, C, H, W, ...)`` feature maps are global-average-pooled over the spatial dimensions. A tuple or
     list output (e.g. from attention layers) uses its first element.
@@ -87,10 +182,12 @@ def pool_features(features: torch.Tensor | tuple | list, token_pool: TokenPool =
     Args:
         features: The layer output.
         token_pool: Pooling for 3-D outputs.
+        output_key: Entry of a structured output to use; see :func:`select_output`.
 
     Returns:
         A ``(B, D)`` tensor.
     """
+    features = select_output(features, output_key)
     if isinstance(features, (tuple, list)):
         if not features:
             raise RuntimeError("the hooked layer returned an empty tuple/list; hook another layer")
@@ -139,7 +236,7 @@ class _FeatureHook:
         self.store: dict[torch.device, object] = {}
 
     def __call__(self, module: nn.Module, args: tuple, output: object) -> None:
-        tensor = output[0] if isinstance(output, (tuple, list)) and output else output
+        tensor = _first_tensor(output)  # tensor, tuple, ModelOutput, dict or namedtuple
         device = tensor.device if isinstance(tensor, torch.Tensor) else torch.device("cpu")
         self.store[device] = output
 
@@ -151,12 +248,17 @@ class HiddenLayerExtractor(nn.Module):
         net: The backbone; it is used as is (no layer is replaced, no forward is run here).
         layer: Which layer to read; see :func:`resolve_layer`.
         token_pool: ``"cls"`` or ``"mean"``, pooling for 3-D token outputs; see :func:`pool_features`.
+        output_key: Entry of a structured layer output (``ModelOutput``, dict, namedtuple, tuple) to use;
+            ``None`` applies the rule of :func:`select_output`.
     """
 
-    def __init__(self, net: nn.Module, layer: LayerSpec = -2, token_pool: TokenPool = "cls") -> None:
+    def __init__(self, net: nn.Module, layer: LayerSpec = -2, token_pool: TokenPool = "cls", output_key: OutputKey = None) -> None:
         super().__init__()
         if token_pool not in ("cls", "mean"):
             raise ValueError(f"token_pool must be 'cls' or 'mean', got {token_pool!r}")
+        if output_key is not None and (isinstance(output_key, bool) or not isinstance(output_key, (str, int))):
+            raise TypeError(f"output_key must be an entry name (str), an index (int) or None, got {output_key!r}")
+        self.output_key = output_key
         self.net = net
         self.layer = layer
         self.token_pool = token_pool
@@ -229,7 +331,7 @@ class HiddenLayerExtractor(nn.Module):
         """
         run = self.net if run is None else run
         if self.layer == -1:
-            return pool_features(run(x), self.token_pool)
+            return pool_features(run(x), self.token_pool, getattr(self, "output_key", None))
         hook = self._hook
         if hook is None:
             raise RuntimeError("the hidden-layer hook was removed (remove_hook() was called); re-create the BYOL learner")
@@ -242,7 +344,7 @@ class HiddenLayerExtractor(nn.Module):
                 f"hidden_layer={self.layer!r} never ran during the forward of {type(self.net).__name__}: "
                 f"the module exists but is not called by net.forward. Hook a layer that runs, or use -1 for the output."
             )
-        return pool_features(output, self.token_pool)
+        return pool_features(output, self.token_pool, getattr(self, "output_key", None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Same as :meth:`get_representation`."""

@@ -65,6 +65,7 @@ MODEL_KEYS = (
     "backbone",
     "backbone_kwargs",
     "cifar_stem",
+    "channels",
     "hidden_layer",
     "projection_size",
     "projection_hidden_size",
@@ -156,6 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="generate a small synthetic data set in OUT/demo_data and use the demo settings",
     )
+    g.add_argument(
+        "--channels",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="input channels: 1 (grayscale), 3 or N; decodes 16-bit PNG/TIFF at full precision, multi-page TIFF "
+        "and .npy files, and adapts the backbone's first convolution (default: 8-bit RGB decoding)",
+    )
     g.add_argument("--image-size", type=_positive_int, default=224, help="augmented view size (pixels)")
     g.add_argument(
         "--load-size",
@@ -175,8 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--backbone",
         default="resnet18",
-        help="torchvision model name (torchvision.models.list_models()), timm:NAME, or MODULE:CALLABLE for your own "
-        "model (e.g. mypkg.nets:MyCNN, called with --backbone-kwargs)",
+        help="torchvision model name (torchvision.models.list_models()), timm:NAME, hf:MODEL_ID_OR_PATH for a Hugging "
+        "Face transformers vision model (pretrained weights unless --no-pretrained; use --hidden-layer -1), or "
+        "MODULE:CALLABLE for your own model (e.g. mypkg.nets:MyCNN, called with --backbone-kwargs)",
+    )
+    g.add_argument(
+        "--no-pretrained",
+        action="store_true",
+        help="hf: backbones start from random weights (the model's config only) instead of its pretrained weights",
     )
     g.add_argument(
         "--backbone-kwargs",
@@ -315,7 +330,9 @@ def apply_cifar_stem(model: nn.Module) -> nn.Module:
     return model
 
 
-def build_backbone(name: str, *, cifar_stem: bool = False, **kwargs: Any) -> nn.Module:
+def build_backbone(
+    name: str, *, cifar_stem: bool = False, channels: int | None = None, pretrained: bool = True, **kwargs: Any
+) -> nn.Module:
     """Creates a randomly initialised backbone by name, as ``byol-train`` does.
 
     Use it to rebuild the module that ``OUT/backbone.pt`` loads into:
@@ -327,11 +344,17 @@ def build_backbone(name: str, *, cifar_stem: bool = False, **kwargs: Any) -> nn.
             ``"MODULE:CALLABLE"`` for any importable class or function that returns an ``nn.Module`` (e.g.
             ``"byol_wrapper.demo:SmallCNN"`` or ``"mypkg.models:MyNet"``; the module must be importable, so run
             from its folder or install it).
+            ``"hf:MODEL_ID_OR_PATH"`` builds a Hugging Face ``transformers`` vision model (``AutoModel``) from a
+            local folder written by ``save_pretrained`` or a hub id.
         cifar_stem: Apply :func:`apply_cifar_stem`.
+        channels: Input channels: timm models get ``in_chans``, ``hf:`` models ``num_channels``, torchvision
+            models their first convolution adapted (:func:`byol_wrapper.channels.adapt_first_conv`);
+            ``MODULE:CALLABLE`` models are used as built. ``None``: the model's default (3).
+        pretrained: ``hf:`` models only: load the pretrained weights (``False``: random init from the config).
         **kwargs: Passed to the model builder (e.g. ``num_classes``).
 
     Returns:
-        The model, with random weights (``weights=None``).
+        The model, with random weights (``weights=None``), except ``hf:`` models with ``pretrained``.
 
     Raises:
         TypeError: ``name`` is not a string, the builder rejects ``kwargs``, or a ``MODULE:CALLABLE`` is not
@@ -344,8 +367,12 @@ def build_backbone(name: str, *, cifar_stem: bool = False, **kwargs: Any) -> nn.
 
     if not isinstance(name, str) or not name:
         raise TypeError(f"backbone must be a model name such as 'resnet18', got {name!r}")
+    if channels is not None and name.startswith("timm:"):
+        kwargs = {"in_chans": channels, **kwargs}
     if name.startswith("timm:"):
         model = _timm_model(name[len("timm:") :], kwargs)
+    elif name.startswith("hf:"):
+        model = _hf_model(name[len("hf:") :], pretrained, channels, kwargs)
     elif ":" in name:
         model = _imported_model(name, kwargs)
     else:
@@ -358,12 +385,55 @@ def build_backbone(name: str, *, cifar_stem: bool = False, **kwargs: Any) -> nn.
                 close = difflib.get_close_matches(name, torchvision.models.list_models(), n=5)
                 hint = f"; did you mean {', '.join(close)}?" if close else "; see torchvision.models.list_models()"
                 raise ValueError(f"--backbone {name!r} is not a torchvision model (and timm is not installed){hint}") from None
-            model = _timm_model(name, kwargs)
+            try:
+                model = _timm_model(name, {"in_chans": channels, **kwargs} if channels is not None else kwargs)
+            except ValueError:
+                import timm
+
+                if name in timm.list_models():
+                    raise
+                close = difflib.get_close_matches(name, [*torchvision.models.list_models(), *timm.list_models()], n=5)
+                hint = f"; did you mean {', '.join(close)}?" if close else "; see torchvision.models.list_models() and timm.list_models()"
+                raise ValueError(f"--backbone {name!r} is neither a torchvision nor a timm model{hint}") from None
         else:
             model = builder(weights=None, **kwargs)
+            if channels is not None:
+                from .channels import adapt_first_conv
+
+                adapt_first_conv(model, channels)
     if cifar_stem:
         apply_cifar_stem(model)
     return model
+
+
+def _hf_model(spec: str, pretrained: bool, channels: int | None, kwargs: dict[str, Any]) -> nn.Module:
+    """A ``transformers`` vision model from a folder or hub id: pretrained, or random from its config."""
+    if not spec:
+        raise ValueError("write hf:MODEL_ID_OR_PATH, e.g. hf:facebook/dinov2-small or hf:./my_vit (a save_pretrained folder)")
+    try:
+        from transformers import AutoConfig, AutoModel
+    except ImportError:
+        raise ValueError(f"--backbone hf:{spec} needs transformers; install it with `pip install transformers`") from None
+    overrides = dict(kwargs)
+    if channels is not None:
+        overrides["num_channels"] = channels
+    try:
+        config = AutoConfig.from_pretrained(spec, **overrides)
+    except Exception as exc:  # noqa: BLE001 - OSError (not found, offline), ValueError (not a model config)
+        raise ValueError(f"cannot read the configuration of hf:{spec} ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
+    if channels is not None and not hasattr(config, "num_channels"):
+        raise ValueError(f"hf:{spec} ({type(config).__name__}) has no num_channels setting, so --channels cannot be applied")
+    if not pretrained:
+        return AutoModel.from_config(config)
+    try:
+        return AutoModel.from_pretrained(spec, config=config)
+    except Exception as exc:  # noqa: BLE001 - no weights file, offline hub, or weights that do not fit the config
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"cannot load the pretrained weights of hf:{spec} ({type(exc).__name__}: {first}); pass --no-pretrained to "
+            "start from random weights"
+            + (", or drop --channels to keep the pretrained number of input channels" if channels is not None else "")
+        ) from exc
 
 
 def _imported_model(spec: str, kwargs: dict[str, Any]) -> nn.Module:
@@ -714,7 +784,7 @@ class _Trainer:
 
         # Data: scan now so that a missing or empty folder fails before anything starts.
         try:
-            self.dataset = ImageFolderDataset(args.data, self.load_size)
+            self.dataset = ImageFolderDataset(args.data, self.load_size, channels=args.channels)
         except ValueError as exc:
             raise UsageError(f"--data: {exc}") from exc
         self.steps_per_epoch = len(self.dataset) // args.batch_size
@@ -736,8 +806,8 @@ class _Trainer:
         if args.eval_data is not None:
             root = Path(args.eval_data).expanduser()
             try:
-                train = LabelledImageFolder(root / "train", self.image_size)
-                test = LabelledImageFolder(root / "test", self.image_size, classes=train.classes)
+                train = LabelledImageFolder(root / "train", self.image_size, channels=args.channels)
+                test = LabelledImageFolder(root / "test", self.image_size, classes=train.classes, channels=args.channels)
             except ValueError as exc:
                 raise UsageError(f"--eval-data must hold train/<class>/* and test/<class>/* image folders: {exc}") from exc
             self.eval_sets = (train, test)
@@ -774,7 +844,13 @@ class _Trainer:
 
         # Model, learner, optimizer.
         try:
-            backbone = build_backbone(args.backbone, cifar_stem=args.cifar_stem, **args.backbone_kwargs)
+            backbone = build_backbone(
+                args.backbone,
+                cifar_stem=args.cifar_stem,
+                channels=args.channels,
+                pretrained=not args.no_pretrained,
+                **args.backbone_kwargs,
+            )
         except (TypeError, ValueError) as exc:
             raise UsageError(f"--backbone {args.backbone} (--backbone-kwargs {json.dumps(args.backbone_kwargs)}): {exc}") from exc
         backbone = backbone.to(self.device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
@@ -788,6 +864,7 @@ class _Trainer:
                 moving_average_decay=args.moving_average_decay,
                 total_steps=self.total_steps,
                 augment_kwargs=args.augment_kwargs,
+                channels=args.channels,
             )
         except (TypeError, ValueError) as exc:
             raise UsageError(
@@ -859,6 +936,7 @@ class _Trainer:
             "backbone": a.backbone,
             "backbone_kwargs": a.backbone_kwargs,
             "cifar_stem": bool(a.cifar_stem),
+            "channels": a.channels,
             "hidden_layer": a.hidden_layer,
             "projection_size": a.projection_size,
             "projection_hidden_size": a.projection_hidden_size,

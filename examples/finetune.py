@@ -16,11 +16,17 @@ Modes:
 Images are decoded once into uint8 tensors and cached in ``--cache`` (the loader of ``examples/cifar10.py``), so
 this suits small data sets (CIFAR-sized). Runs on CPU.
 
+Grayscale, 16-bit and multi-channel data: pass the ``--channels`` of pretraining (``byol-train --channels N``).
+The images are then decoded at full precision by ``byol_wrapper.image_io`` (16-bit PNG/TIFF, multi-page TIFF,
+``.npy``; not cached), the ResNet-18's ``conv1`` takes the channel count of the weights, and the inputs get the
+default normalisation of that channel count (``byol_wrapper.channels.default_normalization``).
+
 Usage::
 
     python examples/cifar10.py --data /tmp/cifar10 --out runs/byol --epochs 200
     python examples/finetune.py --backbone runs/byol/backbone.pt --data /tmp/cifar10 --epochs 30
     python examples/finetune.py --backbone runs/byol/backbone.pt --data /tmp/cifar10 --mode linear --epochs 100
+    python examples/finetune.py --backbone runs/gray/backbone.pt --data /data/xray16 --channels 1 --epochs 30
 """
 
 from __future__ import annotations
@@ -45,6 +51,9 @@ except ImportError:  # running from a checkout without `pip install -e .`
 import kornia.augmentation as K
 
 from byol_wrapper import IMAGENET_MEAN, IMAGENET_STD
+from byol_wrapper.augmentations import to_float_image
+from byol_wrapper.channels import adapt_first_conv, default_normalization
+from byol_wrapper.data import LabelledImageFolder, collate_pairs
 from byol_wrapper.evaluate import linear_probe
 from byol_wrapper.optim import warmup_cosine_lr
 
@@ -73,8 +82,10 @@ def load_backbone(path: str | os.PathLike[str], num_classes: int) -> nn.Module:
         raise SystemExit(f"{path} is not a plain ResNet-18 state_dict (no conv1.weight); save resnet.state_dict()")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the pretraining head, if any, is replaced
     net = torchvision.models.resnet18(num_classes=num_classes)
+    if state["conv1.weight"].shape[1] != 3:  # pretrained with byol-train --channels N
+        adapt_first_conv(net, int(state["conv1.weight"].shape[1]))
     if state["conv1.weight"].shape[-1] == 3:  # CIFAR stem
-        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.conv1 = nn.Conv2d(state["conv1.weight"].shape[1], 64, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
     missing, unexpected = net.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("fc.")]
@@ -86,14 +97,27 @@ def load_backbone(path: str | os.PathLike[str], num_classes: int) -> nn.Module:
 class Normalize(nn.Module):
     """uint8 or [0, 1] images -> ImageNet-normalised float, as BYOL's embeddings saw them."""
 
-    def __init__(self) -> None:
+    def __init__(self, channels: int = 3) -> None:
         super().__init__()
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, -1, 1, 1))
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else default_normalization(channels)
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
-        return (x - self.mean) / self.std
+        return (to_float_image(x) - self.mean) / self.std
+
+
+def load_channels_folder(root: str | os.PathLike[str], image_size: int, channels: int) -> dict:
+    """Like ``cifar10.load_image_folder`` for ``--channels``: float32 images in [0, 1] at full precision, no cache."""
+    root = Path(root).expanduser()
+    for split in ("train", "test"):
+        if not (root / split).is_dir():
+            raise SystemExit(f"--data {str(root)!r} must contain train/ and test/ ImageFolder splits; {split}/ is missing")
+    train = LabelledImageFolder(root / "train", image_size, channels=channels)
+    test = LabelledImageFolder(root / "test", image_size, classes=train.classes, channels=channels)
+    train_x, train_y = collate_pairs([train[i] for i in range(len(train))])
+    test_x, test_y = collate_pairs([test[i] for i in range(len(test))])
+    return {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y, "classes": list(train.classes)}
 
 
 @torch.no_grad()
@@ -114,6 +138,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None, help="default: 0.05 x batch/256 (finetune), 0.1 (linear)")
     p.add_argument("--weight-decay", type=float, default=None, help="default: 5e-4 (finetune), 0 (linear)")
     p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--channels", type=int, default=None,
+                   help="input channels of byol-train --channels (full-precision decoding); default: 8-bit RGB")
     p.add_argument("--train-subset", type=int, default=0, help="use a fixed random subset of N train images (0: all)")
     p.add_argument("--test-subset", type=int, default=0, help="evaluate on N test images (0: all)")
     p.add_argument("--cache", default="/tmp", help="folder for the decoded uint8 tensor cache ('none' to disable)")
@@ -133,23 +159,30 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    data = load_image_folder(args.data, args.image_size, None if args.cache.lower() == "none" else args.cache, args.workers)
+    if args.channels is not None:
+        data = load_channels_folder(args.data, args.image_size, args.channels)
+    else:
+        data = load_image_folder(args.data, args.image_size, None if args.cache.lower() == "none" else args.cache, args.workers)
     train_x, train_y = subset(data["train_x"], data["train_y"], args.train_subset, args.seed)
     test_x, test_y = subset(data["test_x"], data["test_y"], args.test_subset, args.seed + 1)
     num_classes = len(data["classes"])
     net = load_backbone(args.backbone, num_classes)
+    channels = args.channels or 3
+    if net.conv1.in_channels != channels:
+        raise SystemExit(f"{args.backbone} takes {net.conv1.in_channels} input channels but --channels is {channels}; "
+                         f"pass --channels {net.conv1.in_channels}")
     t0 = time.perf_counter()
 
     if args.mode == "linear":
         net.fc = nn.Identity()
-        encoder = nn.Sequential(Normalize(), net).to(device)
+        encoder = nn.Sequential(Normalize(channels), net).to(device)
         res = linear_probe(encoder, (train_x, train_y), (test_x, test_y), epochs=args.epochs,
                            lr=args.lr if args.lr is not None else 0.1,
                            weight_decay=args.weight_decay if args.weight_decay is not None else 0.0, batch_size=args.batch_size, device=device,
                            num_classes=num_classes, seed=args.seed)
         train_acc, test_acc = res["train_accuracy"], res["test_accuracy"]
     else:
-        model = nn.Sequential(Normalize(), net).to(device)
+        model = nn.Sequential(Normalize(channels), net).to(device)
         side = args.image_size
         augment = nn.Sequential(K.RandomCrop((side, side), padding=max(1, side // 8), padding_mode="reflect"),
                                 K.RandomHorizontalFlip())
@@ -166,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
                 idx = perm[i * args.batch_size:(i + 1) * args.batch_size]
                 if len(idx) < 2:  # BatchNorm needs 2 samples
                     continue
-                x = augment(train_x[idx].to(device).float() / 255)
+                x = augment(to_float_image(train_x[idx].to(device)))
                 y = train_y[idx].to(device)
                 for group in opt.param_groups:
                     group["lr"] = warmup_cosine_lr(step, total, 0, lr)
