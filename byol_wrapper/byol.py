@@ -17,7 +17,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .augmentations import IMAGENET_MEAN, IMAGENET_STD, byol_views, to_float_image
-from .compat import LearnerEMA, adapt_state_dict, warn_if_outside_unit_range
+from .compat import LearnerEMA, adapt_state_dict, is_compiling, warn_if_outside_unit_range
 from .extractor import HiddenLayerExtractor, LayerSpec, TokenPool, preserved_state, resolve_layer
 from .heads import MLP, SimSiamMLP
 from .sem import sem_projector
@@ -589,8 +589,10 @@ class BYOL(nn.Module):
                 "x must hold at least 2 images in training mode (BatchNorm in the heads needs batch statistics); "
                 "use a larger batch, or learner.eval() with return_embedding=True to embed one image"
             )
-        if self._range_check_pending and self.training and not self.custom_augment:
-            self._range_check_pending = False  # one host read, on the first training forward only
+        if self._range_check_pending and self.training and not self.custom_augment and not is_compiling():
+            # One host read, on the first eager training forward only (skipped while torch.compile traces, so
+            # that the compiled graph neither breaks nor recompiles on the flag).
+            self._range_check_pending = False
             warn_if_outside_unit_range(x)
         view_one, view_two = self.augment(x)
         if memory_format is not None:  # the augmentations return contiguous (NCHW) views

@@ -18,7 +18,7 @@ import torch
 if TYPE_CHECKING:
     from .byol import BYOL
 
-__all__ = ["EMA", "adapt_state_dict", "warn_if_outside_unit_range"]
+__all__ = ["EMA", "LearnerEMA", "adapt_state_dict", "is_compiling", "warn_if_outside_unit_range"]
 
 
 class EMA:
@@ -158,7 +158,8 @@ def adapt_state_dict(learner: "BYOL", state_dict: dict[str, Any], prefix: str, s
 
 
 # ---------------------------------------------------------------------------------------------- input range
-def _is_compiling() -> bool:
+def is_compiling() -> bool:
+    """Whether ``torch.compile`` is tracing the calling code."""
     compiler = getattr(torch, "compiler", None)
     if compiler is not None and hasattr(compiler, "is_compiling"):
         return bool(compiler.is_compiling())
@@ -170,7 +171,7 @@ def warn_if_outside_unit_range(x: torch.Tensor, tolerance: float = 1e-3) -> bool
 
     Skipped (returns ``False``) while ``torch.compile`` traces, so that no graph break is added.
     """
-    if _is_compiling() or not x.is_floating_point() or x.numel() == 0:
+    if is_compiling() or not x.is_floating_point() or x.numel() == 0:
         return False
     lo, hi = (float(v) for v in torch.stack(torch.aminmax(x.detach())).float().cpu())
     if lo >= -tolerance and hi <= 1.0 + tolerance:
