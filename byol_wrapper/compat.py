@@ -89,8 +89,8 @@ def adapt_state_dict(learner: "BYOL", state_dict: dict[str, Any], prefix: str, s
 
     - ``net.*`` (byol-pytorch registers the backbone twice, as ``net`` and ``online_encoder.net``): dropped
       when the ``online_encoder.net.*`` copy is there, renamed to it otherwise;
-    - no ``_extra_state`` (byol-pytorch, or a state dict saved before the schedule was saved): the schedule
-      step starts at 0, with a warning;
+    - no ``_extra_state`` (byol-pytorch, or a state dict saved before the schedule was saved): with
+      ``strict=True`` the schedule step starts at 0, with a warning (``strict=False`` keeps the current step);
     - no ``target_encoder.*`` but a target here (byol-pytorch after ``reset_moving_average()``): the target
       starts as a copy of the online encoder, with a warning;
     - a projector of another layout (with/without simplicial embeddings, flattened vs pooled hidden output):
@@ -107,7 +107,7 @@ def adapt_state_dict(learner: "BYOL", state_dict: dict[str, Any], prefix: str, s
             state_dict.setdefault(online_net + key[len(net_prefix):], value)
     own = [k for k in state_dict if k.startswith(prefix)]
 
-    if prefix + "_extra_state" not in state_dict:
+    if strict and prefix + "_extra_state" not in state_dict:  # (strict=False keeps the current step)
         warnings.warn(
             "the state dict has no tau-schedule state ('_extra_state'; saved by byol-pytorch or an older "
             "byol_wrapper): the schedule step starts at 0. Weights are loaded.",

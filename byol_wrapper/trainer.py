@@ -87,7 +87,7 @@ def _positive_int(name: str, value: Any) -> int:
 
 
 class _FolderLock:
-    """An exclusive ``flock`` on ``folder/.lock``, held while the trainer lives: a second trainer refuses."""
+    """An exclusive ``flock`` on ``folder/.lock``, held while a trainer trains: a second one refuses."""
 
     def __init__(self, folder: Path) -> None:
         self._file = None
@@ -136,7 +136,6 @@ class BYOLTrainer(nn.Module):
     Raises:
         ImportError: Accelerate is not installed.
         ValueError: a size or count is not a positive int, or the dataset has fewer than 2 images.
-        RuntimeError: another process holds ``checkpoint_folder``.
     """
 
     def __init__(
@@ -192,13 +191,10 @@ class BYOLTrainer(nn.Module):
         dataloader = DataLoader(dataset, shuffle=True, batch_size=batch_size, drop_last=len(dataset) >= batch_size)
 
         self.checkpoint_folder = Path(checkpoint_folder)
-        self._lock = None
         if self.accelerator.is_main_process:
             self.checkpoint_folder.mkdir(exist_ok=True, parents=True)
             if not self.checkpoint_folder.is_dir():
                 raise ValueError(f"BYOLTrainer: checkpoint_folder={checkpoint_folder!r} is not a folder")
-            self._lock = _FolderLock(self.checkpoint_folder)
-            remove_stale_temporaries(self.checkpoint_folder)
 
         self.byol, self.optimizer, self.dataloader = self.accelerator.prepare(learner, optimizer, dataloader)
         self.register_buffer("step", torch.tensor(0))
@@ -257,7 +253,21 @@ class BYOLTrainer(nn.Module):
 
     # ------------------------------------------------------------------ training
     def forward(self) -> None:
-        """Trains up to ``num_train_steps`` optimizer steps (from the resumed step, if any)."""
+        """Trains up to ``num_train_steps`` optimizer steps (from the resumed step, if any).
+
+        Raises:
+            RuntimeError: another trainer is training into ``checkpoint_folder`` (its ``.lock`` is held).
+        """
+        lock = _FolderLock(self.checkpoint_folder) if self.accelerator.is_main_process else None
+        try:
+            if lock is not None:
+                remove_stale_temporaries(self.checkpoint_folder)
+            self._train()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _train(self) -> None:
         step = int(self.step)
         data_it = _cycle(self.dataloader)
         start = step
@@ -279,9 +289,4 @@ class BYOLTrainer(nn.Module):
             self.save(step, name="final")  # the numbered files keep the weights of their step
         self.wait()
         self.print("training complete")
-
-    def __del__(self) -> None:
-        lock = self.__dict__.get("_lock")
-        if lock is not None:
-            lock.release()
 

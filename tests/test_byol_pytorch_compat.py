@@ -528,19 +528,20 @@ def _trainer(tmp_path, steps=2, **kwargs):
     )
 
 
-def test_trainer_resumes_from_its_full_checkpoint_and_refuses_a_busy_folder(tmp_path):
+def test_trainer_refuses_a_busy_folder_and_resumes_from_its_full_checkpoint(tmp_path):
     pytest.importorskip("accelerate")
+    from byol_wrapper.trainer import _FolderLock
+
     first = _trainer(tmp_path, steps=2)
+    busy = _FolderLock(tmp_path / "ck")  # another trainer training into the same folder
     with pytest.raises(RuntimeError, match="another process is training into checkpoint_folder"):
-        _trainer(tmp_path)
+        first()
+    assert int(first.step) == 0 and not (tmp_path / "ck" / "last.pt").exists()
+    busy.release()
     first()
     saved = torch.load(tmp_path / "ck" / "last.pt", weights_only=True)
     assert saved["step"] == 2 and saved["learner"]["_extra_state"]["step"] == 2
     online = {k: v.clone() for k, v in first.learner.state_dict().items() if k != "_extra_state"}
-    del first
-    import gc
-
-    gc.collect()  # the first trainer's folder lock goes with it
     resumed = _trainer(tmp_path, steps=4, resume=True)
     assert int(resumed.step) == 2 and resumed.learner.step == 2
     for k, v in resumed.learner.state_dict().items():
@@ -566,3 +567,21 @@ def test_trainer_errors_and_mock_dataset(tmp_path, monkeypatch):
     assert 0 <= data[0].min() and data[0].max() <= 1  # the range the built-in views assume
     with pytest.raises(IndexError):
         data[4]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_range_check_reads_once_then_training_steps_have_no_host_sync():
+    learner = BYOL(small_cnn().cuda(), 16, hidden_layer="avgpool", projection_size=8, projection_hidden_size=16)
+    x = torch.rand(8, 3, 16, 16, device="cuda")
+    learner(x).backward()  # the first training forward: the one host read of the range check
+    learner.update_moving_average()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            learner(x).backward()
+            learner.update_moving_average()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert not learner._range_check_pending
