@@ -413,6 +413,11 @@ class BYOL(nn.Module):
         """byol-pytorch's EMA object: ``.beta`` reads the next tau; setting it sets a constant tau."""
         return LearnerEMA(self)
 
+    @target_ema_updater.setter
+    def target_ema_updater(self, updater: Any) -> None:
+        # byol-pytorch code may assign a new EMA(beta): its beta becomes the (constant) tau.
+        LearnerEMA(self).beta = getattr(updater, "beta", updater)
+
     def _make_target(self) -> NetWrapper:
         target = copy.deepcopy(self.online_encoder)
         for p in target.parameters():

@@ -350,6 +350,9 @@ def test_target_ema_updater_beta_reads_and_sets_tau():
     with pytest.raises(ValueError, match="beta must be a float in"):
         scheduled.target_ema_updater.beta = 2
     assert isinstance(learner.target_ema_updater, ours.EMA)
+    learner.target_ema_updater = ours.EMA(0.8)  # assigning a new updater, as byol-pytorch code may
+    assert learner.tau == 0.8
+    ours.update_moving_average(learner.target_ema_updater, learner.target_encoder, learner.online_encoder)
 
 
 def test_get_target_encoder():
