@@ -154,6 +154,11 @@ class NetWrapper(HiddenLayerExtractor):
         projector: nn.Module | None = None,
         token_pool: TokenPool = "cls",
     ) -> None:
+        if isinstance(projection_hidden_size, str) or isinstance(use_simsiam_mlp, str):
+            raise TypeError(
+                "NetWrapper follows byol-pytorch's signature (net, projection_size, projection_hidden_size, layer, "
+                f"...); got projection_hidden_size={projection_hidden_size!r}: pass layer= and token_pool= by keyword"
+            )
         super().__init__(net, layer, token_pool)
         if isinstance(projection_size, nn.Module):
             projector, projection_size = projection_size, None

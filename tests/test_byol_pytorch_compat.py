@@ -389,6 +389,8 @@ def test_net_wrapper_old_positional_projector_and_errors():
     proj = nn.Linear(16, 4)
     wrapper = ours.NetWrapper(small_cnn(), proj, layer="avgpool")
     assert wrapper.projector is proj and wrapper(torch.rand(2, 3, 8, 8))[0].shape == (2, 4)
+    with pytest.raises(TypeError, match="pass layer= and token_pool= by keyword"):
+        ours.NetWrapper(small_cnn(), proj, "avgpool")  # the old positional layer
     with pytest.raises(ValueError, match="projection_size must be a positive int"):
         ours.NetWrapper(small_cnn(), layer="avgpool")(torch.rand(2, 3, 8, 8))
 
