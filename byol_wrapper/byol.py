@@ -18,8 +18,10 @@ from torch.func import functional_call
 
 from .augmentations import IMAGENET_MEAN, IMAGENET_STD, byol_views, to_float_image
 from .channels import default_normalization
-from .extractor import HiddenLayerExtractor, LayerSpec, OutputKey, TokenPool, preserved_state
+from .compat import LearnerEMA, adapt_state_dict, is_compiling, warn_if_outside_unit_range
+from .extractor import HiddenLayerExtractor, LayerSpec, OutputKey, TokenPool, preserved_state, resolve_layer
 from .heads import MLP, SimSiamMLP
+from .sem import sem_projector
 from .loss import symmetric_loss
 from .momentum import BUFFER_POLICIES, BufferPolicy, EMAPlan, apply_ema_, copy_weights_, cosine_tau, make_ema_plan
 
@@ -114,32 +116,113 @@ def _resolve_sync_batchnorm(requested: bool | None, device: torch.device) -> boo
 
 
 class NetWrapper(HiddenLayerExtractor):
-    """Backbone plus projector: the online (or target) encoder.
+    """Backbone plus projector: the online (or target) encoder, with byol-pytorch's signature.
 
     Holds ``net`` (the backbone, hooked at ``layer``) and ``projector``, with byol-pytorch's attribute names, so
     the target copy has parameters with the same names and byol-pytorch state-dict keys carry over.
-    ``forward(x)`` returns ``(projection, representation)`` like byol-pytorch.
+    ``forward(x)`` returns ``(projection, representation)`` like byol-pytorch. Without an explicit
+    ``projector``, it is built on the first forward from the hidden size (byol-pytorch's ``_get_projector``);
+    :class:`BYOL` builds it at construction instead.
 
     Args:
         net: The backbone.
-        projector: The projection MLP (may be set after construction).
+        projection_size: Projector output size (or, as before, the projector module itself).
+        projection_hidden_size: Projector hidden size.
         layer: Hidden layer; see :func:`byol_wrapper.extractor.resolve_layer`.
-        token_pool: Pooling for 3-D token outputs (``"cls"`` or ``"mean"``).
+        use_simsiam_mlp: Build a :class:`~byol_wrapper.heads.SimSiamMLP` projector.
+        sync_batchnorm: ``nn.SyncBatchNorm`` in the projector; ``None``: when a process group of >1 rank exists.
+        use_simplicial_embeddings: Put simplicial embeddings (Lavoie et al. 2022) before the projector MLP.
+        sem_num_simplices: Number of simplices ``L``.
+        sem_simplex_dim: Size ``V`` of each simplex.
+        sem_temperature: Softmax temperature of the simplices.
+        projector: A ready projector module (then the sizes above are not used).
+        token_pool: Pooling of the hidden output; see :func:`byol_wrapper.extractor.pool_features`.
         output_key: Entry of a structured hidden-layer output; see :func:`byol_wrapper.extractor.select_output`.
     """
 
     def __init__(
-        self, net: nn.Module, projector: nn.Module | None, layer: LayerSpec = -2, token_pool: TokenPool = "cls", output_key: OutputKey = None
+        self,
+        net: nn.Module,
+        projection_size: int | nn.Module | None = None,
+        projection_hidden_size: int = 4096,
+        layer: LayerSpec = -2,
+        use_simsiam_mlp: bool = False,
+        sync_batchnorm: bool | None = None,
+        use_simplicial_embeddings: bool = False,
+        sem_num_simplices: int = 32,
+        sem_simplex_dim: int = 8,
+        sem_temperature: float = 0.1,
+        *,
+        projector: nn.Module | None = None,
+        token_pool: TokenPool = "cls",
+        output_key: OutputKey = None,
     ) -> None:
+        if isinstance(projection_hidden_size, str) or isinstance(use_simsiam_mlp, str):
+            raise TypeError(
+                "NetWrapper follows byol-pytorch's signature (net, projection_size, projection_hidden_size, layer, "
+                f"...); got projection_hidden_size={projection_hidden_size!r}: pass layer= and token_pool= by keyword"
+            )
         super().__init__(net, layer, token_pool, output_key)
+        if isinstance(projection_size, nn.Module):
+            projector, projection_size = projection_size, None
+        if projector is not None and not isinstance(projector, nn.Module):
+            raise TypeError(f"projector must be a torch.nn.Module or None, got {type(projector).__name__}")
         self.projector = projector
+        self.projection_size = projection_size
+        self.projection_hidden_size = projection_hidden_size
+        self.use_simsiam_mlp = bool(use_simsiam_mlp)
+        self.sync_batchnorm = sync_batchnorm
+        self.use_simplicial_embeddings = bool(use_simplicial_embeddings)
+        self.sem_num_simplices = sem_num_simplices
+        self.sem_simplex_dim = sem_simplex_dim
+        self.sem_temperature = sem_temperature
+
+    @property
+    def hidden(self) -> dict:
+        """The hook's store of hidden outputs by device (byol-pytorch's ``hidden``; emptied after each read)."""
+        return self._hook.store if self._hook is not None else {}
+
+    @property
+    def hook_registered(self) -> bool:
+        """byol-pytorch's name for :attr:`has_hook` (here the hook is placed at construction)."""
+        return self.has_hook
+
+    def _find_layer(self) -> nn.Module | None:
+        """The hooked module (``None`` for ``layer=-1``); byol-pytorch's ``_find_layer``."""
+        return resolve_layer(self.net, self.layer)
+
+    def build_projector(self, dim: int) -> nn.Module:
+        """A new projector for a hidden size ``dim`` from this wrapper's settings.
+
+        Raises:
+            ValueError: ``projection_size`` was not given.
+        """
+        if isinstance(self.projection_size, bool) or not isinstance(self.projection_size, int):
+            raise ValueError(
+                f"projection_size must be a positive int to build a projector, got {self.projection_size!r}; "
+                "pass NetWrapper(net, projection_size, projection_hidden_size, ...) or projector=module"
+            )
+        if self.use_simplicial_embeddings:
+            return sem_projector(
+                dim, self.projection_size, self.projection_hidden_size, self.sem_num_simplices, self.sem_simplex_dim,
+                self.sem_temperature, self.sync_batchnorm, simsiam=self.use_simsiam_mlp,
+            )
+        mlp = SimSiamMLP if self.use_simsiam_mlp else MLP
+        return mlp(dim, self.projection_size, self.projection_hidden_size, self.sync_batchnorm)
+
+    def _get_projector(self, hidden: torch.Tensor) -> nn.Module:
+        """The projector, built for ``hidden``'s size, device and dtype if there is none yet (byol-pytorch's)."""
+        if self.projector is None:
+            self.projector = self.build_projector(int(hidden.shape[-1])).to(hidden)
+        return self.projector
 
     def forward(self, x: torch.Tensor, return_projection: bool = True):
         """Returns ``(projection, representation)``, or the representation alone if not ``return_projection``."""
         representation = self.get_representation(x)
         if not return_projection:
             return representation
-        return self.projector(representation), representation
+        projector = self.projector if self.projector is not None else self._get_projector(representation)
+        return projector(representation), representation
 
 
 class BYOL(nn.Module):
@@ -177,7 +260,8 @@ class BYOL(nn.Module):
         hidden_dim: Size of the hidden layer's pooled output; skips probing the backbone.
         total_steps: Number of optimizer steps of training; enables the paper's cosine tau schedule from
             ``moving_average_decay`` to 1. ``None`` keeps tau constant.
-        token_pool: Pooling of 3-D ``(B, T, D)`` hidden outputs: ``"cls"`` (first token) or ``"mean"``.
+        token_pool: Pooling of 3-D ``(B, T, D)`` hidden outputs: ``"cls"`` (first token) or ``"mean"``;
+            ``"flatten"`` flattens every hidden output (4-D maps too) to ``(B, -1)``, as byol-pytorch does.
         channels: Input channel count; inferred from the first convolution, else 3.
         mean: Normalisation mean applied after the built-in augmentations; ``None`` disables normalisation.
             Left at its default, it fits ``channels``: ImageNet's RGB mean for 3 channels, else its luminance
@@ -197,6 +281,17 @@ class BYOL(nn.Module):
             so each view has its own BatchNorm statistics; ``True`` concatenates them into one batch (faster
             on GPUs, byol-pytorch's behaviour).
         augment_kwargs: Overrides for the built-in views (see :func:`byol_wrapper.augmentations.byol_views`).
+        use_simplicial_embeddings: Put simplicial embeddings (Lavoie et al. 2022, arXiv 2204.00616) before the
+            projector MLP, as byol-pytorch 0.9 does: ``Linear -> BatchNorm`` to ``L * V`` values, softmax over
+            each of ``L`` groups of ``V``. Default ``False`` (the paper's BYOL); byol-pytorch 0.9.1 defaults to
+            ``True``.
+        sem_num_simplices: ``L`` (byol-pytorch's default 32).
+        sem_simplex_dim: ``V`` (byol-pytorch's default 8).
+        sem_temperature: Softmax temperature (byol-pytorch's default 0.1).
+        normalize_embedding_input: With ``return_embedding=True``, apply the built-in views' normalisation
+            (default); ``False`` passes the input through unchanged, as byol-pytorch does.
+        check_input_range: On the first training forward with the built-in views, read the batch's min and max
+            once and warn if they are outside [0, 1]; ``False`` skips it.
     """
 
     def __init__(
@@ -211,6 +306,10 @@ class BYOL(nn.Module):
         moving_average_decay: float = 0.99,
         use_momentum: bool = True,
         sync_batchnorm: bool | None = None,
+        use_simplicial_embeddings: bool = False,
+        sem_num_simplices: int = 32,
+        sem_simplex_dim: int = 8,
+        sem_temperature: float = 0.1,
         *,
         hidden_dim: int | None = None,
         total_steps: int | None = None,
@@ -222,6 +321,8 @@ class BYOL(nn.Module):
         concat_views: bool = False,
         augment_kwargs: dict[str, Any] | None = None,
         output_key: OutputKey = None,
+        normalize_embedding_input: bool = True,
+        check_input_range: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(net, nn.Module):
@@ -251,6 +352,9 @@ class BYOL(nn.Module):
         self.use_momentum = bool(use_momentum)
         self.buffer_policy = buffer_policy
         self.concat_views = bool(concat_views)
+        self.use_simplicial_embeddings = bool(use_simplicial_embeddings)
+        self.normalize_embedding_input = bool(normalize_embedding_input)
+        self._range_check_pending = bool(check_input_range)
         self._step = 0
         self._ema_plan: EMAPlan | None = None
 
@@ -275,14 +379,18 @@ class BYOL(nn.Module):
         self._layout_conv = (_first_conv2d(net),)  # a tuple, so it is not registered as a submodule
 
         # Online encoder: backbone (hooked) + projector sized from the real hidden dimension.
-        self.online_encoder = NetWrapper(net, None, hidden_layer, token_pool, output_key)
+        self.online_encoder = NetWrapper(
+            net, projection_size, projection_hidden_size, layer=hidden_layer, use_simsiam_mlp=not self.use_momentum,
+            sync_batchnorm=self.sync_batchnorm, use_simplicial_embeddings=self.use_simplicial_embeddings,
+            sem_num_simplices=sem_num_simplices, sem_simplex_dim=sem_simplex_dim, sem_temperature=sem_temperature,
+            token_pool=token_pool, output_key=output_key,
+        )
         if hidden_dim is None:
             hidden_dim = self._probe_hidden_dim(dtype)
         elif isinstance(hidden_dim, bool) or not isinstance(hidden_dim, int) or hidden_dim <= 0:
             raise ValueError(f"hidden_dim must be a positive int or None, got {hidden_dim!r}")
         self.hidden_dim = hidden_dim
-        mlp = MLP if self.use_momentum else SimSiamMLP
-        self.online_encoder.projector = mlp(hidden_dim, projection_size, projection_hidden_size, self.sync_batchnorm).to(device, dtype)
+        self.online_encoder.projector = self.online_encoder.build_projector(hidden_dim).to(device, dtype)
         self.online_predictor = MLP(projection_size, projection_size, projection_hidden_size, self.sync_batchnorm).to(device, dtype)
 
         self.target_encoder: NetWrapper | None = self._make_target() if self.use_momentum else None
@@ -309,6 +417,26 @@ class BYOL(nn.Module):
 
     def _run_probe(self, run: Callable[[torch.Tensor], Any], x: torch.Tensor) -> int:
         return int(self.online_encoder.get_representation(x, run).shape[-1])
+
+    def _get_target_encoder(self) -> NetWrapper:
+        """The target encoder (byol-pytorch's accessor; here the target exists from construction).
+
+        Raises:
+            RuntimeError: with ``use_momentum=False`` there is no target.
+        """
+        if self.target_encoder is None:
+            raise RuntimeError("this learner was built with use_momentum=False (SimSiam): it has no target encoder")
+        return self.target_encoder
+
+    @property
+    def target_ema_updater(self) -> LearnerEMA:
+        """byol-pytorch's EMA object: ``.beta`` reads the next tau; setting it sets a constant tau."""
+        return LearnerEMA(self)
+
+    @target_ema_updater.setter
+    def target_ema_updater(self, updater: Any) -> None:
+        # byol-pytorch code may assign a new EMA(beta): its beta becomes the (constant) tau.
+        LearnerEMA(self).beta = getattr(updater, "beta", updater)
 
     def _make_target(self) -> NetWrapper:
         target = copy.deepcopy(self.online_encoder)
@@ -368,6 +496,11 @@ class BYOL(nn.Module):
         self._step = int(state["step"])
         self.total_steps = state.get("total_steps", self.total_steps)
         self.moving_average_decay = float(state.get("moving_average_decay", self.moving_average_decay))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # noqa: D102
+        # byol-pytorch 0.8/0.9 layouts and state dicts without the schedule state; see compat.adapt_state_dict.
+        adapt_state_dict(self, state_dict, prefix, strict, error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def remove_hooks(self) -> None:
         """Removes the forward hooks this learner put on the backbone and its target copy."""
@@ -471,7 +604,8 @@ class BYOL(nn.Module):
         memory_format = self._memory_format(x) if isinstance(x, torch.Tensor) else None
         x = self._check_input(x)
         if return_embedding:
-            x = self._normalize(x)
+            if self.normalize_embedding_input:
+                x = self._normalize(x)
             if memory_format is not None:
                 x = x.contiguous(memory_format=memory_format)
             return self.online_encoder(x, return_projection=return_projection)
@@ -480,6 +614,11 @@ class BYOL(nn.Module):
                 "x must hold at least 2 images in training mode (BatchNorm in the heads needs batch statistics); "
                 "use a larger batch, or learner.eval() with return_embedding=True to embed one image"
             )
+        if self._range_check_pending and self.training and not self.custom_augment and not is_compiling():
+            # One host read, on the first eager training forward only (skipped while torch.compile traces, so
+            # that the compiled graph neither breaks nor recompiles on the flag).
+            self._range_check_pending = False
+            warn_if_outside_unit_range(x)
         view_one, view_two = self.augment(x)
         if memory_format is not None:  # the augmentations return contiguous (NCHW) views
             view_one = view_one.contiguous(memory_format=memory_format)

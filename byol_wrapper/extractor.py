@@ -22,7 +22,7 @@ from torch import nn
 __all__ = ["HiddenLayerExtractor", "LayerSpec", "OutputKey", "pool_features", "preserved_state", "resolve_layer", "select_output"]
 
 LayerSpec = Union[str, int]
-TokenPool = Literal["cls", "mean"]
+TokenPool = Literal["cls", "mean", "flatten"]
 
 
 def _layer_names(net: nn.Module) -> list[str]:
@@ -177,11 +177,12 @@ def pool_features(
     the first tensor). Then 2-D ``(B, D)`` is kept; 3-D ``(B, T, D)`` is treated as a token sequence and reduced by
     ``token_pool`` (``"cls"``: the first token, as in ViT; ``"mean"``: the mean over tokens); 4-D and higher
     ``(B, C, H, W, ...)`` feature maps are global-average-pooled over the spatial dimensions. A tuple or
-    list output (e.g. from attention layers) uses its first element.
+    list output (e.g. from attention layers) uses its first element. ``token_pool="flatten"`` instead flattens
+    every output to ``(B, -1)``, 4-D maps included, as byol-pytorch does.
 
     Args:
         features: The layer output.
-        token_pool: Pooling for 3-D outputs.
+        token_pool: Pooling for 3-D outputs, or ``"flatten"`` for all.
         output_key: Entry of a structured output to use; see :func:`select_output`.
 
     Returns:
@@ -198,6 +199,8 @@ def pool_features(
         )
     if features.ndim == 2:
         return features
+    if token_pool == "flatten" and features.ndim >= 1:
+        return features.reshape(features.shape[0], -1)
     if features.ndim == 3:
         return features[:, 0] if token_pool == "cls" else features.mean(dim=1)
     if features.ndim >= 4:
@@ -254,8 +257,8 @@ class HiddenLayerExtractor(nn.Module):
 
     def __init__(self, net: nn.Module, layer: LayerSpec = -2, token_pool: TokenPool = "cls", output_key: OutputKey = None) -> None:
         super().__init__()
-        if token_pool not in ("cls", "mean"):
-            raise ValueError(f"token_pool must be 'cls' or 'mean', got {token_pool!r}")
+        if token_pool not in ("cls", "mean", "flatten"):
+            raise ValueError(f"token_pool must be 'cls', 'mean' or 'flatten' (byol-pytorch's), got {token_pool!r}")
         if output_key is not None and (isinstance(output_key, bool) or not isinstance(output_key, (str, int))):
             raise TypeError(f"output_key must be an entry name (str), an index (int) or None, got {output_key!r}")
         self.output_key = output_key

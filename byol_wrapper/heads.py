@@ -7,13 +7,19 @@ final linear layer with output dimension 256. [...] the predictor q_theta uses t
 
 from __future__ import annotations
 
+import torch.distributed as dist
 from torch import nn
 
 __all__ = ["MLP", "SimSiamMLP", "batchnorm_class"]
 
 
-def batchnorm_class(sync_batchnorm: bool) -> type[nn.Module]:
-    """Returns ``nn.SyncBatchNorm`` when ``sync_batchnorm`` else ``nn.BatchNorm1d``."""
+def batchnorm_class(sync_batchnorm: bool | None) -> type[nn.Module]:
+    """Returns ``nn.SyncBatchNorm`` when ``sync_batchnorm`` else ``nn.BatchNorm1d``.
+
+    ``None`` (byol-pytorch's default) means ``True`` when a process group of more than one rank exists.
+    """
+    if sync_batchnorm is None:
+        sync_batchnorm = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     return nn.SyncBatchNorm if sync_batchnorm else nn.BatchNorm1d
 
 
@@ -24,10 +30,11 @@ class MLP(nn.Sequential):
         dim: Input size (the backbone's hidden size for the projector, ``projection_size`` for the predictor).
         projection_size: Output size; 256 in the paper.
         hidden_size: Hidden size; 4096 in the paper.
-        sync_batchnorm: Use ``nn.SyncBatchNorm`` (for DDP) instead of ``nn.BatchNorm1d``.
+        sync_batchnorm: Use ``nn.SyncBatchNorm`` (for DDP) instead of ``nn.BatchNorm1d``; ``None``: when a
+            process group of more than one rank exists (byol-pytorch's ``MaybeSyncBatchnorm``).
     """
 
-    def __init__(self, dim: int, projection_size: int = 256, hidden_size: int = 4096, sync_batchnorm: bool = False) -> None:
+    def __init__(self, dim: int, projection_size: int = 256, hidden_size: int = 4096, sync_batchnorm: bool | None = False) -> None:
         for name, value in (("dim", dim), ("projection_size", projection_size), ("hidden_size", hidden_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -51,7 +58,7 @@ class SimSiamMLP(nn.Sequential):
         sync_batchnorm: Use ``nn.SyncBatchNorm``.
     """
 
-    def __init__(self, dim: int, projection_size: int = 256, hidden_size: int = 4096, sync_batchnorm: bool = False) -> None:
+    def __init__(self, dim: int, projection_size: int = 256, hidden_size: int = 4096, sync_batchnorm: bool | None = False) -> None:
         for name, value in (("dim", dim), ("projection_size", projection_size), ("hidden_size", hidden_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
