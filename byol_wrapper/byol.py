@@ -420,6 +420,14 @@ class BYOL(nn.Module):
             return torch.channels_last
         return None
 
+    def _input_dtype(self) -> torch.dtype:
+        """The backbone's floating dtype (read at each call: ``learner.to(torch.bfloat16)`` changes it later).
+
+        Views are float32; a half-precision backbone outside autocast (e.g. ``BYOL(net.to(torch.bfloat16))`` on
+        the CPU) needs them in its own dtype, or torch's layers fail with a dtype mismatch.
+        """
+        return _floating_dtype(self.online_encoder.net)
+
     def _predict(self, one: torch.Tensor, two: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.concat_views:
             return self.online_predictor(torch.cat((one, two))).chunk(2)
@@ -456,6 +464,7 @@ class BYOL(nn.Module):
         x = self._check_input(x)
         if return_embedding:
             x = self._normalize(x)
+            x = x.to(self._input_dtype())
             if memory_format is not None:
                 x = x.contiguous(memory_format=memory_format)
             return self.online_encoder(x, return_projection=return_projection)
@@ -465,6 +474,8 @@ class BYOL(nn.Module):
                 "use a larger batch, or learner.eval() with return_embedding=True to embed one image"
             )
         view_one, view_two = self.augment(x)
+        dtype = self._input_dtype()
+        view_one, view_two = view_one.to(dtype), view_two.to(dtype)  # no copy when the backbone is float32
         if memory_format is not None:  # the augmentations return contiguous (NCHW) views
             view_one = view_one.contiguous(memory_format=memory_format)
             view_two = view_two.contiguous(memory_format=memory_format)
