@@ -134,8 +134,18 @@ def preserved_state(net: nn.Module) -> Iterator[nn.Module]:
                     b.copy_(saved[name])
 
 
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
+
+
 def _store_key(device: torch.device) -> tuple[int, torch.device]:
-    return threading.get_ident(), device
+    """The store entry of this thread's forward on ``device`` (a hook runs in the thread of its forward).
+
+    Under ``torch.compile`` the thread (which dynamo cannot trace) is left out: a hook traced with its reader is a
+    value of the graph, not shared state. A compiled backbone called from an eager learner (``net.compile()``)
+    writes that thread-less entry for the eager reader, which then also looks there (such a backbone is not
+    thread-safe here).
+    """
+    return (0 if _is_compiling() else threading.get_ident()), device
 
 
 class _FeatureHook:
@@ -242,9 +252,13 @@ class HiddenLayerExtractor(nn.Module):
         # Only this thread's entry for this device is touched: nn.DataParallel replicas and concurrent callers share
         # the hook across threads. (A dict's single-key set and pop are atomic under the GIL.)
         key = _store_key(x.device)
+        untraced = (0, x.device)  # written by a compiled backbone's hook (see _store_key)
         hook.store.pop(key, None)
+        hook.store.pop(untraced, None)
         run(x)
         output = hook.store.pop(key, None)
+        if output is None:
+            output = hook.store.pop(untraced, None)
         if output is None:
             raise RuntimeError(
                 f"hidden_layer={self.layer!r} never ran during the forward of {type(self.net).__name__}: "

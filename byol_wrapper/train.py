@@ -16,6 +16,9 @@ Several processes: ``torchrun --nproc_per_node=N -m byol_wrapper.train ...`` tra
 (:class:`~byol_wrapper.data.EpochSampler`), so the global batches are those of one process. Rank 0 writes every
 output; the ranks agree on skipped batches and on stopping through one small host-side all-reduce per step.
 
+Only one process writes an ``OUT``: rank 0 holds ``OUT/.byol-train.lock`` (:mod:`byol_wrapper.lock`) and a second
+run on the same folder exits with status 2. No NaN or infinite state is ever saved (status 3, see :func:`main`).
+
 Outputs in ``OUT``: ``last.pt`` and ``last.prev.pt`` (checkpoints, see :mod:`byol_wrapper.checkpoint`),
 ``backbone.pt`` and ``backbone_ema.pt`` (plain ``state_dict`` of the online and of the EMA target backbone, same
 keys; rebuild the module with :func:`build_backbone`), ``metrics.jsonl``, ``metrics.png`` and ``config.json``.
@@ -1110,9 +1113,12 @@ class _Trainer:
         if not self.ranks.main:
             return
         cpu = lambda sd: {k: v.detach().cpu() for k, v in sd.items()}  # noqa: E731
-        atomic_save(cpu(self.learner.net.state_dict()), self.out / "backbone.pt")
-        if self.learner.target_encoder is not None:
-            atomic_save(cpu(self.learner.target_encoder.net.state_dict()), self.out / "backbone_ema.pt")
+        try:
+            atomic_save(cpu(self.learner.net.state_dict()), self.out / "backbone.pt")
+            if self.learner.target_encoder is not None:
+                atomic_save(cpu(self.learner.target_encoder.net.state_dict()), self.out / "backbone_ema.pt")
+        except OSError as exc:
+            raise _OutputError(f"{_out_problem(self.out, exc)} (backbone export); re-run the command to export again") from exc
 
     def _say(self, msg: str) -> None:
         if self.ranks.main:
@@ -1121,7 +1127,10 @@ class _Trainer:
     def _plot(self) -> None:
         self.last_plot = time.perf_counter()
         if self.ranks.main:
-            plot_metrics(self.metrics_path, self.out / "metrics.png")
+            try:
+                plot_metrics(self.metrics_path, self.out / "metrics.png")
+            except OSError as exc:
+                raise _OutputError(f"{_out_problem(self.out, exc)} (metrics.png); re-run the command to resume") from exc
 
     def _elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.t_start
@@ -1268,7 +1277,12 @@ class _Trainer:
             )
         if self.ranks.world > 1:
             self._say(f"{self.ranks.world} processes, {self.rank_batch} images each per step (global batch {args.batch_size})")
-        self.metrics_file = open(self.metrics_path, "a", encoding="utf-8") if self.ranks.main else None
+        try:
+            self.metrics_file = open(self.metrics_path, "a", encoding="utf-8") if self.ranks.main else None
+        except OSError as exc:
+            self._say(f"{PROG}: error: {_out_problem(self.out, exc)} (metrics.jsonl)")
+            self.bar.close()
+            return 2
         try:
             with _graceful_stop() as stop:
                 return self._loop(stop)
@@ -1459,9 +1473,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         if trainer.step >= trainer.total_steps:
             if ranks.main:
-                trainer.export_backbones()
-                if not (trainer.out / "metrics.png").exists():
-                    plot_metrics(trainer.metrics_path, trainer.out / "metrics.png")
+                try:
+                    trainer.export_backbones()
+                    if not (trainer.out / "metrics.png").exists():
+                        plot_metrics(trainer.metrics_path, trainer.out / "metrics.png")
+                except (_OutputError, OSError) as exc:
+                    print(f"{PROG}: error: {exc}", file=sys.stderr)
+                    return 2
                 print(
                     f"training in {trainer.out} is already complete ({trainer.step}/{trainer.total_steps} steps); "
                     "backbones re-exported. Raise --epochs or --max-steps to train longer",

@@ -182,6 +182,23 @@ def test_run_lock_excludes_and_forked_children_do_not_keep_it(tmp_path: Path) ->
         os.waitpid(pid, 0)
 
 
+@pytest.mark.distributed
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="needs gloo")
+def test_torchrun_ranks_refuse_together_when_out_is_locked(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    with RunLock(out):  # another run holds --out: rank 0 is refused and rank 1 must follow, not hang
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+               "byol_wrapper.train", *_args(data, out, "--max-steps", "1")]  # fmt: skip
+        proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode != 0
+    errors = [ln for ln in proc.stderr.splitlines() if "byol-train: error:" in ln]
+    assert len(errors) == 1 and f"process {os.getpid()}" in errors[0], proc.stderr  # rank 0 speaks, once
+    # Both ranks stop with status 2 (torchrun prints its own report of the failed children, no rank traceback).
+    assert proc.stderr.count("exitcode  : 2") == 2 and "byol_wrapper/train.py" not in proc.stderr, proc.stderr
+    assert not (out / "last.pt").exists()
+
+
 # ---------------------------------------------------------------------------------------------- 3.-5. checkpoint files
 @pytest.mark.parametrize(
     "fault",
