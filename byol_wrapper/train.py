@@ -53,8 +53,8 @@ from ._version import __version__
 from .byol import BYOL
 from .checkpoint import atomic_save, load_latest_checkpoint, remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state
 from .checkpoint import CheckpointUnreadableError, ForeignCheckpointError, nonfinite_entries, set_aside
-from .lock import RunLock, RunLockedError
 from .data import EpochSampler, ImageFolderDataset, LabelledImageFolder, collate_pairs, collate_skip_none
+from .lock import RunLock, RunLockedError
 from .optim import OPTIMIZERS, build_optimizer, warmup_cosine_lr
 
 __all__ = ["MODEL_KEYS", "apply_cifar_stem", "build_backbone", "build_parser", "main", "plot_metrics"]
