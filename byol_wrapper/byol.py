@@ -569,6 +569,14 @@ class BYOL(nn.Module):
             return torch.channels_last
         return None
 
+    def _input_dtype(self) -> torch.dtype:
+        """The backbone's floating dtype (read at each call: ``learner.to(torch.bfloat16)`` changes it later).
+
+        Views are float32; a half-precision backbone outside autocast (e.g. ``BYOL(net.to(torch.bfloat16))`` on
+        the CPU) needs them in its own dtype, or torch's layers fail with a dtype mismatch.
+        """
+        return _floating_dtype(self.online_encoder.net)
+
     def _predict(self, one: torch.Tensor, two: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.concat_views:
             return self.online_predictor(torch.cat((one, two))).chunk(2)
@@ -606,6 +614,7 @@ class BYOL(nn.Module):
         if return_embedding:
             if self.normalize_embedding_input:
                 x = self._normalize(x)
+            x = x.to(self._input_dtype())
             if memory_format is not None:
                 x = x.contiguous(memory_format=memory_format)
             return self.online_encoder(x, return_projection=return_projection)
@@ -620,6 +629,8 @@ class BYOL(nn.Module):
             self._range_check_pending = False
             warn_if_outside_unit_range(x)
         view_one, view_two = self.augment(x)
+        dtype = self._input_dtype()
+        view_one, view_two = view_one.to(dtype), view_two.to(dtype)  # no copy when the backbone is float32
         if memory_format is not None:  # the augmentations return contiguous (NCHW) views
             view_one = view_one.contiguous(memory_format=memory_format)
             view_two = view_two.contiguous(memory_format=memory_format)

@@ -9,13 +9,21 @@ any moment (SIGKILL, power loss after the fsync) leaves a complete ``last.pt``, 
 
 Reading (:func:`load_latest_checkpoint`): ``last.pt`` is loaded with ``weights_only=True`` and its format tag and
 digest are checked; if it is missing, truncated or corrupt, ``last.prev.pt`` is used with a warning (a corrupt
-file is renamed to ``<name>.corrupt`` so that the next save cannot rotate it over the good previous one).
+file is renamed to ``<name>.corrupt``, or ``<name>.corrupt.1``, ``.2``... when that name is taken, so that the next
+save cannot rotate it over the good previous one and no file set aside ever replaces another). A file that cannot
+be *read* (permission denied, I/O error) raises :class:`CheckpointUnreadableError` and a file that loads but is not
+one of ours (a plain ``state_dict``, a whole pickled model) raises :class:`ForeignCheckpointError`: both are left
+untouched.
+
+Saving (:func:`nonfinite_entries`): callers check the state on its device before writing, so that a diverged
+state (NaN or infinite weights, buffers or optimizer moments) never replaces a finite checkpoint.
 
 Only tensors, Python scalars, strings, ``None``, lists and dicts may be stored: nothing pickles code.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import random
@@ -30,13 +38,17 @@ import torch
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CheckpointError",
+    "CheckpointUnreadableError",
+    "ForeignCheckpointError",
     "atomic_save",
     "load_checkpoint",
     "load_latest_checkpoint",
+    "nonfinite_entries",
     "previous_path",
     "remove_stale_temporaries",
     "rng_state",
     "save_checkpoint",
+    "set_aside",
     "set_rng_state",
     "state_digest",
 ]
@@ -49,6 +61,99 @@ _TMP_PREFIX = ".tmp-"
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, truncated, corrupt or not one of ours."""
+
+
+class CheckpointUnreadableError(CheckpointError):
+    """The file exists but cannot be read (permission denied, I/O error): not evidence of corruption."""
+
+
+class ForeignCheckpointError(CheckpointError):
+    """The file loads but is not a ``byol_wrapper`` checkpoint (e.g. a plain ``state_dict`` or a pickled model)."""
+
+
+def set_aside(path: str | os.PathLike[str], tag: str) -> Path:
+    """Renames ``path`` to ``<name>.<tag>``, or ``<name>.<tag>.1``, ``.2``... : never over an existing file.
+
+    The new name is claimed with a hard link (fails if it exists) before the old one is removed; where hard
+    links are not supported the first free name is used with :func:`os.rename`.
+
+    Args:
+        path: The file to move.
+        tag: Suffix, e.g. ``"corrupt"``.
+
+    Returns:
+        The new path.
+
+    Raises:
+        OSError: The file cannot be moved.
+    """
+    path = Path(path)
+    for i in range(10_000):
+        target = path.with_name(f"{path.name}.{tag}" + (f".{i}" if i else ""))
+        try:
+            os.link(path, target)
+        except FileExistsError:
+            continue
+        except OSError:
+            if target.exists() or target.is_symlink():
+                continue
+            os.rename(path, target)
+            return target
+        os.unlink(path)
+        return target
+    raise OSError(f"no free name to set {path} aside")
+
+
+def _all_finite(t: torch.Tensor) -> torch.Tensor:
+    """0-dim bool tensor on ``t``'s device: no NaN and no infinity in ``t``.
+
+    The minimum and maximum are finite exactly when every element is (NaN propagates through both); one
+    reduction pass without the full-size boolean mask of ``isfinite(t).all()`` (50x faster on the CPU).
+    """
+    if t.is_complex():
+        return torch.isfinite(t).all()
+    return torch.isfinite(torch.stack(torch.aminmax(t))).all()
+
+
+def nonfinite_entries(state: Any, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors in ``state`` that hold a NaN or an infinity (empty: all finite).
+
+    The check runs on the tensors' own devices with one min/max reduction per tensor and a single host transfer
+    per device, so it costs one synchronisation: call it where the state is about to be copied to the host anyway
+    (a checkpoint write), never inside a training step. Names are only computed when something is not finite.
+
+    Args:
+        state: A nested dict/list of tensors and plain values (e.g. ``{"learner": ..., "optimizer": ...}``).
+        prefix: Prepended to the names.
+
+    Returns:
+        Dotted names such as ``"learner.online_encoder.net.bn1.running_var"``.
+    """
+    named: list[tuple[str, torch.Tensor]] = []
+
+    def walk(obj: Any, name: str) -> None:
+        if isinstance(obj, torch.Tensor):
+            if obj.is_floating_point() or obj.is_complex():
+                named.append((name, obj.detach()))
+        elif isinstance(obj, Mapping):
+            for k, v in obj.items():
+                walk(v, f"{name}.{k}" if name else str(k))
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(v, f"{name}.{i}" if name else str(i))
+
+    walk(state, prefix)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, (_, t) in enumerate(named):
+        if t.numel():
+            by_device.setdefault(t.device, []).append(i)
+    bad: list[str] = []
+    for indices in by_device.values():
+        flags = torch.stack([_all_finite(named[i][1]) for i in indices])
+        if bool(flags.all()):  # the one host sync of this device
+            continue
+        bad += [named[i][0] for i, ok in zip(indices, flags.tolist()) if not ok]
+    return bad
 
 
 def previous_path(path: str | os.PathLike[str]) -> Path:
@@ -207,14 +312,41 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist")
+    # Reading is apart from decoding: a file that cannot be read (permission denied, I/O error) is not evidence of
+    # corruption, whereas torch.load reports a truncated file with OSErrors too. So read it through first (into the
+    # page cache, which the load below then reads again at memory speed).
+    try:
+        with open(path, "rb") as f:
+            while f.read(1 << 24):
+                pass
+    except OSError as exc:
+        raise CheckpointUnreadableError(f"{path} cannot be read ({type(exc).__name__}: {exc.strerror or exc})") from exc
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure means the file is unusable
+    except OSError as exc:
+        if exc.errno in (errno.EIO, errno.EACCES, errno.EPERM):
+            raise CheckpointUnreadableError(f"{path} cannot be read ({type(exc).__name__}: {exc.strerror or exc})") from exc
+        raise CheckpointError(f"{path} cannot be loaded ({type(exc).__name__}: {exc})") from exc
+    except Exception as exc:  # noqa: BLE001 - any other failure means the file is unusable
         detail = (str(exc).splitlines() or [""])[0]
         detail = detail if len(detail) <= 160 else detail[:157] + "..."
+        if "weights only load failed" in str(exc).lower() and "unsupported global" in str(exc).lower():
+            # A complete torch file holding pickled objects (a whole saved model...): not ours, not a torn write.
+            raise ForeignCheckpointError(
+                f"{path} cannot be loaded with weights_only=True: it holds pickled Python objects, so it is not a "
+                f"byol_wrapper checkpoint ({type(exc).__name__}: {detail})"
+            ) from exc
         raise CheckpointError(f"{path} cannot be loaded ({type(exc).__name__}: {detail})") from exc
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "sha256" not in state:
-        raise CheckpointError(f"{path} is not a complete byol_wrapper checkpoint (format tag or digest missing)")
+        if isinstance(state, dict) and str(state.get("format", "")).startswith("byol_wrapper.checkpoint/") and "sha256" in state:
+            raise ForeignCheckpointError(
+                f"{path} is a byol_wrapper checkpoint of another format ({state['format']!r}, this version reads "
+                f"{CHECKPOINT_FORMAT!r}); use the byol_wrapper version that wrote it"
+            )
+        kind = f"a {type(state).__name__}" + (f" with keys {sorted(map(str, state))[:5]}" if isinstance(state, dict) else "")
+        raise ForeignCheckpointError(
+            f"{path} is not a complete byol_wrapper checkpoint (format tag or digest missing; it holds {kind})"
+        )
     if state_digest(state) != state["sha256"]:
         raise CheckpointError(f"{path} is corrupt: its content does not match the stored SHA-256 digest")
     return state
@@ -223,9 +355,10 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
 def load_latest_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> tuple[dict[str, Any] | None, Path | None]:
     """Loads ``path`` (e.g. ``OUT/last.pt``), falling back to its previous version if it is unusable.
 
-    A corrupt or truncated file produces a warning and is renamed to ``<name>.corrupt``; if neither file is
-    usable the result is ``(None, None)`` (start from scratch) and a warning says so when a file existed.
-    Never raises for a bad file.
+    A corrupt or truncated file produces a warning and is set aside as ``<name>.corrupt`` (``.corrupt.1``... if
+    taken, see :func:`set_aside`); if neither file is usable the result is ``(None, None)`` (start from scratch)
+    and a warning says so when a file existed. A file that cannot be read, or that is not a byol_wrapper
+    checkpoint, raises and nothing is moved: neither is evidence that the run is lost.
 
     Args:
         path: The main checkpoint path.
@@ -233,6 +366,10 @@ def load_latest_checkpoint(path: str | os.PathLike[str], map_location: Any = "cp
 
     Returns:
         ``(checkpoint, the file it came from)``, or ``(None, None)``.
+
+    Raises:
+        CheckpointUnreadableError: A checkpoint file exists but cannot be read (permissions, I/O error).
+        ForeignCheckpointError: A checkpoint file loads but is not a byol_wrapper checkpoint.
     """
     path = Path(path)
     prev = previous_path(path)
@@ -243,10 +380,11 @@ def load_latest_checkpoint(path: str | os.PathLike[str], map_location: Any = "cp
         found_any = True
         try:
             state = load_checkpoint(candidate, map_location)
+        except (CheckpointUnreadableError, ForeignCheckpointError):
+            raise
         except CheckpointError as exc:
-            corrupt = candidate.with_name(candidate.name + ".corrupt")
             try:
-                os.replace(candidate, corrupt)
+                corrupt = set_aside(candidate, "corrupt")
                 moved = f"; moved it to {corrupt.name}"
             except OSError:
                 moved = ""

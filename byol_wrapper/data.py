@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -58,30 +59,87 @@ def _check_size(load_size: Any) -> int:
     return load_size
 
 
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
+def _is_image(name: str, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> bool:
+    return name.lower().endswith(tuple(extensions))
 
 
-def find_images(root: str | os.PathLike[str], extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[Path]:
+def _scan(root: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Walks ``root`` following links, each real folder once; returns the images and what was skipped (and why)."""
+    found: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
+    try:
+        st = root.stat()
+        seen = {(st.st_dev, st.st_ino)}
+    except OSError:
+        seen = set()
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:  # cannot be listed (permissions, I/O error): counted like an unreadable file
+            skipped.append((folder, f"folder cannot be listed ({exc.strerror or exc})"))
+            continue
+        subfolders = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                st = entry.stat()  # follows links; no system call for plain entries on most file systems
+            except OSError as exc:
+                if _is_image(entry.name, extensions):
+                    skipped.append((Path(entry.path), f"cannot stat ({exc.strerror or exc}; a broken link?)"))
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                key = (st.st_dev, st.st_ino)
+                if key not in seen:  # a link loop, or a second link to a folder already listed: once only
+                    seen.add(key)
+                    subfolders.append(Path(entry.path))
+            elif _is_image(entry.name, extensions):
+                if stat.S_ISREG(st.st_mode):
+                    found.append(Path(entry.path))
+                else:  # a FIFO, socket or device would block or never end when decoded
+                    skipped.append((Path(entry.path), "not a regular file"))
+        stack.extend(reversed(subfolders))
+    return sorted(found), skipped
+
+
+def find_images(
+    root: str | os.PathLike[str], extensions: Sequence[str] = IMAGE_EXTENSIONS, *, warn: bool = True
+) -> list[Path]:
     """All image files under ``root``, recursively, sorted; hidden files and folders are ignored.
+
+    Links are followed, but each real folder is listed once (a link loop cannot hang the scan or repeat images).
+    Entries named like images that are not regular files (FIFOs, sockets, devices: decoding them would block) and
+    subfolders that cannot be listed are skipped, counted in one warning.
 
     Args:
         root: Folder to scan.
         extensions: Lower-case extensions to keep (default :data:`IMAGE_EXTENSIONS`).
+        warn: Emit the warning about skipped entries.
 
     Returns:
-        Sorted paths of the files whose extension is in ``extensions`` (links are followed).
+        Sorted paths of the regular files whose extension is in ``extensions`` (links are followed, each real
+        folder once).
 
     Raises:
         TypeError: ``root`` is not a path.
         ValueError: ``root`` does not exist or is not a folder.
     """
-    root = _check_root(root, "root")
-    found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(Path(dirpath) / f for f in filenames if not f.startswith(".") and f.lower().endswith(tuple(extensions)))
-    return sorted(found)
+    return _scan_and_warn(_check_root(root, "root"), warn, extensions)[0]
+
+
+def _scan_and_warn(
+    root: Path, warn: bool, extensions: Sequence[str] = IMAGE_EXTENSIONS
+) -> tuple[list[Path], list[tuple[Path, str]]]:
+    found, skipped = _scan(root, extensions)
+    if skipped and warn:
+        shown = "; ".join(f"{str(p)!r}: {why}" for p, why in skipped[:5])
+        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        noun = "entry" if len(skipped) == 1 else "entries"
+        warnings.warn(f"skipped {len(skipped)} {noun} under {str(root)!r}: {shown}{more}", RuntimeWarning, stacklevel=3)
+    return found, skipped
 
 
 def _class_of(root: Path, path: Path) -> str | None:
@@ -90,12 +148,24 @@ def _class_of(root: Path, path: Path) -> str | None:
     return parts[0] if len(parts) > 1 else None
 
 
+def _exif_upright(img: Any) -> Any:
+    """The image turned as its EXIF orientation tag says (phone photos), or ``img`` itself when upright already."""
+    from PIL import ImageOps
+
+    try:
+        orientation = img.getexif().get(0x0112, 1)  # 0x0112: Orientation
+    except Exception:  # noqa: BLE001 - a broken EXIF block: keep the pixels as stored
+        return img
+    return img if orientation in (None, 1) else ImageOps.exif_transpose(img)
+
+
 def _load_image(path: Path, load_size: int, mode: str) -> torch.Tensor:
     from PIL import Image, ImageOps
     from torchvision.transforms.functional import pil_to_tensor
 
     with Image.open(path) as img:
         img.draft(mode, (load_size, load_size))  # JPEG: decode at a reduced scale that is still >= load_size
+        img = _exif_upright(img)
         img = img.convert(mode)  # decodes the whole file: truncated or corrupt data raises here
         img = ImageOps.fit(img, (load_size, load_size), method=getattr(Image, "Resampling", Image).BILINEAR)
     return pil_to_tensor(img)
@@ -112,7 +182,8 @@ class ImageFolderDataset(Dataset):
         root: Folder scanned recursively for :data:`IMAGE_EXTENSIONS`.
         load_size: Side of the square uint8 images returned.
         mode: PIL mode, ``"RGB"`` (3 channels) or ``"L"`` (1 channel).
-        warn: Emit a warning for each unreadable file.
+        warn: Emit a warning for each unreadable file (and one for the entries the scan skipped, see
+            :func:`find_images`; they are listed in ``scan_skipped``).
         channels: Decode at full precision to this many channels instead (16-bit PNG/TIFF, multi-page TIFF,
             ``.npy`` files, which are then scanned too): the images are float32 in ``[0, 1]``; see
             :mod:`byol_wrapper.image_io`. ``None`` (default): 8-bit ``mode`` decoding, uint8 images.
@@ -134,7 +205,8 @@ class ImageFolderDataset(Dataset):
         self.mode = mode
         self.channels = channels
         self.warn = bool(warn)
-        self.files = find_images(self.root, IMAGE_EXTENSIONS if channels is None else IMAGE_EXTENSIONS + ARRAY_EXTENSIONS)
+        extensions = IMAGE_EXTENSIONS if channels is None else IMAGE_EXTENSIONS + ARRAY_EXTENSIONS
+        self.files, self.scan_skipped = _scan_and_warn(self.root, self.warn, extensions)  # scan_skipped: [(path, why)]
         if not self.files:
             raise ValueError(
                 f"root {str(self.root)!r} contains no image files (extensions {', '.join(IMAGE_EXTENSIONS)}); "

@@ -1,8 +1,9 @@
 """Hidden-layer extraction: hook a layer of any backbone and pool its output to one vector per image.
 
 The hook is a small callable object stored on the layer with a kept :class:`~torch.utils.hooks.RemovableHandle`.
-It writes into a store keyed by device (so ``nn.DataParallel`` replicas, which share hooks, do not mix up
-their outputs) and the store is cleared right after it is read, as timm's ``_features.py`` does. The hook is
+It writes into a store keyed by thread and device (so ``nn.DataParallel`` replicas, which share hooks, and
+concurrent forwards from several threads, e.g. a web service embedding with one learner, never read each
+other's outputs: a forward hook runs in the thread of its forward) and the entry is cleared right after it is read, as timm's ``_features.py`` does. The hook is
 removed when :meth:`HiddenLayerExtractor.remove_hook` is called or when the extractor is garbage collected, so
 re-wrapping the same backbone never leaves stale hooks behind.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
+import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Literal, Union
@@ -232,16 +234,30 @@ def preserved_state(net: nn.Module) -> Iterator[nn.Module]:
                     b.copy_(saved[name])
 
 
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
+
+
+def _store_key(device: torch.device) -> tuple[int, torch.device]:
+    """The store entry of this thread's forward on ``device`` (a hook runs in the thread of its forward).
+
+    Under ``torch.compile`` the thread (which dynamo cannot trace) is left out: a hook traced with its reader is a
+    value of the graph, not shared state. A compiled backbone called from an eager learner (``net.compile()``)
+    writes that thread-less entry for the eager reader, which then also looks there (such a backbone is not
+    thread-safe here).
+    """
+    return (0 if _is_compiling() else threading.get_ident()), device
+
+
 class _FeatureHook:
-    """Forward hook writing a layer's output into a store keyed by device."""
+    """Forward hook writing a layer's output into a store keyed by (thread, device)."""
 
     def __init__(self) -> None:
-        self.store: dict[torch.device, object] = {}
+        self.store: dict[tuple[int, torch.device], object] = {}
 
     def __call__(self, module: nn.Module, args: tuple, output: object) -> None:
         tensor = _first_tensor(output)  # tensor, tuple, ModelOutput, dict or namedtuple
         device = tensor.device if isinstance(tensor, torch.Tensor) else torch.device("cpu")
-        self.store[device] = output
+        self.store[_store_key(device)] = output
 
 
 class HiddenLayerExtractor(nn.Module):
@@ -338,10 +354,16 @@ class HiddenLayerExtractor(nn.Module):
         hook = self._hook
         if hook is None:
             raise RuntimeError("the hidden-layer hook was removed (remove_hook() was called); re-create the BYOL learner")
-        # Only this device's entry is touched: nn.DataParallel replicas share the hook across threads.
-        hook.store.pop(x.device, None)
+        # Only this thread's entry for this device is touched: nn.DataParallel replicas and concurrent callers share
+        # the hook across threads. (A dict's single-key set and pop are atomic under the GIL.)
+        key = _store_key(x.device)
+        untraced = (0, x.device)  # written by a compiled backbone's hook (see _store_key)
+        hook.store.pop(key, None)
+        hook.store.pop(untraced, None)
         run(x)
-        output = hook.store.pop(x.device, None)
+        output = hook.store.pop(key, None)
+        if output is None:
+            output = hook.store.pop(untraced, None)
         if output is None:
             raise RuntimeError(
                 f"hidden_layer={self.layer!r} never ran during the forward of {type(self.net).__name__}: "

@@ -16,6 +16,9 @@ Several processes: ``torchrun --nproc_per_node=N -m byol_wrapper.train ...`` tra
 (:class:`~byol_wrapper.data.EpochSampler`), so the global batches are those of one process. Rank 0 writes every
 output; the ranks agree on skipped batches and on stopping through one small host-side all-reduce per step.
 
+Only one process writes an ``OUT``: rank 0 holds ``OUT/.byol-train.lock`` (:mod:`byol_wrapper.lock`) and a second
+run on the same folder exits with status 2. No NaN or infinite state is ever saved (status 3, see :func:`main`).
+
 Outputs in ``OUT``: ``last.pt`` and ``last.prev.pt`` (checkpoints, see :mod:`byol_wrapper.checkpoint`),
 ``backbone.pt`` and ``backbone_ema.pt`` (plain ``state_dict`` of the online and of the EMA target backbone, same
 keys; rebuild the module with :func:`build_backbone`), ``metrics.jsonl``, ``metrics.png`` and ``config.json``.
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import errno
 import importlib
 import json
 import math
@@ -48,7 +52,9 @@ from torch.utils.data import DataLoader
 from ._version import __version__
 from .byol import BYOL
 from .checkpoint import atomic_save, load_latest_checkpoint, remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import CheckpointUnreadableError, ForeignCheckpointError, nonfinite_entries, set_aside
 from .data import EpochSampler, ImageFolderDataset, LabelledImageFolder, collate_pairs, collate_skip_none
+from .lock import RunLock, RunLockedError
 from .optim import OPTIMIZERS, build_optimizer, warmup_cosine_lr
 
 __all__ = ["MODEL_KEYS", "apply_cifar_stem", "build_backbone", "build_parser", "main", "plot_metrics"]
@@ -82,8 +88,50 @@ class UsageError(ValueError):
     """Bad command-line input: reported as ``byol-train: error: ...`` with exit status 2."""
 
 
+EXIT_DIVERGED = 3
+"""Exit status when the loss or the model state became NaN or infinite (nothing non-finite was saved)."""
+
+
 class _Diverged(RuntimeError):
-    """The loss became NaN or infinite."""
+    """The loss, or the model or optimizer state, became NaN or infinite."""
+
+
+class _OutputError(RuntimeError):
+    """Writing to ``--out`` failed (full disk, read-only file system...): reported with exit status 2."""
+
+
+def _out_problem(out: Path, exc: OSError) -> str:
+    """One line naming what is wrong with ``--out`` and what to do."""
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        fix = "free some space (or raise the quota)"
+    elif exc.errno == errno.EROFS:
+        fix = "choose a folder on a writable file system"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        fix = "fix the folder's permissions or choose another --out"
+    else:
+        fix = "check the disk or choose another --out"
+    return f"cannot write to --out {out} ({reason}); {fix}"
+
+
+def _lock_out(out_arg: str, ranks: "_Ranks") -> RunLock | None:
+    """Creates ``--out`` and locks it for this run (rank 0 only); every rank raises the same UsageError if not."""
+    lock: RunLock | None = None
+    problem: str | None = None
+    if ranks.main:
+        out = Path(out_arg).expanduser()
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            lock = RunLock(out).acquire()
+        except RunLockedError as exc:
+            problem = f"{exc}: a second byol-train must not write the same --out. Wait for it, stop it, or use another --out"
+        except (FileExistsError, NotADirectoryError):
+            problem = f"--out {out} (or a folder above it) is a file, not a folder; pass a folder path"
+        except OSError as exc:
+            problem = _out_problem(out, exc)
+    if ranks.sum(int(problem is not None))[0]:  # a collective: the other ranks refuse with rank 0
+        raise UsageError(problem or "rank 0 cannot use --out (see its message)")
+    return lock
 
 
 class _NoEvalData(RuntimeError):
@@ -505,6 +553,16 @@ def _resolve_device(spec: str | None) -> torch.device:
         raise UsageError(f"--device {spec!r} is not a torch device; use e.g. cpu, cuda or cuda:1") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {spec} requested but CUDA is not available; use --device cpu")
+    if device.type == "meta":
+        raise UsageError("--device meta holds no data and cannot train; use --device cpu or cuda")
+    if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise UsageError(f"--device {spec} requested but MPS (Apple GPU) is not available here; use --device cpu")
+    if device.type != "cpu":
+        try:
+            torch.empty(1, device=device)  # e.g. cuda:3 on a 1-GPU machine, or a backend this build lacks
+        except (RuntimeError, AssertionError, AttributeError) as exc:
+            detail = (str(exc).splitlines() or [""])[0][:160]
+            raise UsageError(f"--device {spec} cannot be used ({detail}); use --device cpu or a device that exists") from exc
     return device
 
 
@@ -828,11 +886,24 @@ class _Trainer:
 
         self.ckpt_path = self.out / "last.pt"
         self.metrics_path = self.out / "metrics.jsonl"
+        refused: str | None = None
+        set_aside_before = self._set_aside_files()
         if self.ranks.main:  # rank 0 first: it sets a corrupt checkpoint aside before the others read
-            self.out.mkdir(parents=True, exist_ok=True)
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):
+                raise UsageError(f"--out {self.out} (or a folder above it) is a file, not a folder; pass a folder path") from None
+            except OSError as exc:
+                raise UsageError(_out_problem(self.out, exc)) from exc
             remove_stale_temporaries(self.out)
-            checkpoint, source = load_latest_checkpoint(self.ckpt_path, map_location="cpu")
-        self.ranks.barrier()
+            try:
+                checkpoint, source = load_latest_checkpoint(self.ckpt_path, map_location="cpu")
+            except CheckpointUnreadableError as exc:
+                refused = f"{exc}; fix the file's permissions or the disk and re-run: nothing was changed in {self.out}"
+            except ForeignCheckpointError as exc:
+                refused = f"{exc}. Move it out of {self.out} or use another --out: byol-train will not train over it"
+        if self.ranks.sum(int(refused is not None))[0]:  # also the barrier: every rank refuses with rank 0
+            raise UsageError(refused or "rank 0 cannot use the checkpoint in --out (see its message)")
         if not self.ranks.main:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # rank 0 already warned
@@ -897,12 +968,23 @@ class _Trainer:
         self.skipped_total = 0
         self.elapsed_before = 0.0
         self.resumed_from: Path | None = None
+        self.good_step: int | None = None  # step of the checkpoint on disk (always finite)
         if checkpoint is not None:
             self._restore(checkpoint)
             self.resumed_from = source
+            self.good_step = self.step
         else:
-            if self.ranks.main:
-                self.metrics_path.unlink(missing_ok=True)
+            if self.ranks.main and self.metrics_path.exists():
+                # A fresh start: the history of the lost run is kept aside, never deleted (checkpoints set aside as
+                # corrupt, or deleted by the user, may still be wanted with it).
+                new_aside = self._set_aside_files() - set_aside_before
+                kept = set_aside(self.metrics_path, "old")
+                warnings.warn(
+                    f"starting from step 0: the earlier log {self.metrics_path.name} was kept as {kept.name}"
+                    + (f" (with {', '.join(sorted(new_aside))})" if new_aside else ""),
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             if world > 1:  # same weights everywhere, but each rank draws its own augmentations
                 self._seed_everything(args.seed + self.ranks.rank)
 
@@ -923,10 +1005,20 @@ class _Trainer:
         )
         self._eval_cache: dict[str, Any] = {}
         if self.ranks.main:
-            with open(self.out / "config.json", "w", encoding="utf-8") as f:
-                json.dump(self.config, f, indent=2)
+            try:
+                with open(self.out / "config.json", "w", encoding="utf-8") as f:
+                    json.dump(self.config, f, indent=2)
+            except OSError as exc:
+                raise UsageError(_out_problem(self.out, exc)) from exc
 
     # ------------------------------------------------------------------ setup helpers
+    def _set_aside_files(self) -> set[str]:
+        """Names of the checkpoints set aside as corrupt in ``--out``."""
+        try:
+            return {p.name for p in self.out.glob("last*.corrupt*")}
+        except OSError:
+            return set()
+
     def _config(self) -> dict[str, Any]:
         a = self.args
         return {
@@ -1059,20 +1151,52 @@ class _Trainer:
         start = time.perf_counter()
         try:
             state = self._state()  # a collective: every rank takes part
+            # Never write a diverged state over a finite checkpoint: one reduction per tensor on the device, one
+            # host sync (the write below copies everything to the host anyway). Every rank checks its own copy and
+            # they agree, so all of them stop together.
+            bad = nonfinite_entries({k: state[k] for k in ("learner", "optimizer", "scaler")})
+            if self.ranks.sum(int(bool(bad)))[0]:
+                raise _Diverged(self._nonfinite_message(bad))
             if self.ranks.main:
-                save_checkpoint(state, self.ckpt_path)
+                try:
+                    save_checkpoint(state, self.ckpt_path)
+                except OSError as exc:
+                    kept = f"{self.ckpt_path} still holds step {self.good_step}" if self.good_step is not None else "no checkpoint was written"
+                    raise _OutputError(f"{_out_problem(self.out, exc)}; {kept}, re-run the command to resume") from exc
+            self.good_step = self.step
         finally:
             self.epoch, self.batch_in_epoch = epoch, batch
         self.window_start += time.perf_counter() - start  # images/s measures training only
+
+    def _last_good(self) -> str:
+        """What the checkpoint files hold, for divergence messages (true: nothing non-finite is ever saved)."""
+        if self.good_step is None:
+            return f"no checkpoint was written yet, so {self.out} has no state to resume from"
+        return (
+            f"{self.ckpt_path} still holds the last good checkpoint (step {self.good_step}, not overwritten); "
+            f"re-running resumes from it, so lower --lr first"
+        )
+
+    def _nonfinite_message(self, bad: list[str]) -> str:
+        since = f"after step {self.good_step}" if self.good_step is not None else "since the start"
+        names = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        return (
+            f"the model state became NaN or infinite by step {self.step} (found when saving the step {self.step} "
+            f"checkpoint; finite {since}): {names}. Not saved. Lower --lr, use --precision 32, or check the data; "
+            f"{self._last_good()}"
+        )
 
     def export_backbones(self) -> None:
         """Writes ``OUT/backbone.pt`` and ``OUT/backbone_ema.pt`` (plain ``state_dict``, CPU tensors); rank 0."""
         if not self.ranks.main:
             return
         cpu = lambda sd: {k: v.detach().cpu() for k, v in sd.items()}  # noqa: E731
-        atomic_save(cpu(self.learner.net.state_dict()), self.out / "backbone.pt")
-        if self.learner.target_encoder is not None:
-            atomic_save(cpu(self.learner.target_encoder.net.state_dict()), self.out / "backbone_ema.pt")
+        try:
+            atomic_save(cpu(self.learner.net.state_dict()), self.out / "backbone.pt")
+            if self.learner.target_encoder is not None:
+                atomic_save(cpu(self.learner.target_encoder.net.state_dict()), self.out / "backbone_ema.pt")
+        except OSError as exc:
+            raise _OutputError(f"{_out_problem(self.out, exc)} (backbone export); re-run the command to export again") from exc
 
     def _say(self, msg: str) -> None:
         if self.ranks.main:
@@ -1081,14 +1205,20 @@ class _Trainer:
     def _plot(self) -> None:
         self.last_plot = time.perf_counter()
         if self.ranks.main:
-            plot_metrics(self.metrics_path, self.out / "metrics.png")
+            try:
+                plot_metrics(self.metrics_path, self.out / "metrics.png")
+            except OSError as exc:
+                raise _OutputError(f"{_out_problem(self.out, exc)} (metrics.png); re-run the command to resume") from exc
 
     def _elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.t_start
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.metrics_file is not None:
-            self.metrics_file.write(json.dumps(record) + "\n")
+            try:
+                self.metrics_file.write(json.dumps(record) + "\n")
+            except OSError as exc:
+                raise _OutputError(f"{_out_problem(self.out, exc)} (metrics.jsonl); re-run the command to resume") from exc
 
     # ------------------------------------------------------------------ evaluation
     def _eval_split(self, name: str, dataset: LabelledImageFolder) -> Any:
@@ -1156,7 +1286,10 @@ class _Trainer:
     # ------------------------------------------------------------------ training
     def _flush_file(self) -> None:
         if self.metrics_file is not None:
-            self.metrics_file.flush()
+            try:
+                self.metrics_file.flush()
+            except OSError as exc:
+                raise _OutputError(f"{_out_problem(self.out, exc)} (metrics.jsonl); re-run the command to resume") from exc
 
     def _flush(self) -> None:
         """Fetches the pending losses in one transfer and writes their per-step records.
@@ -1185,7 +1318,7 @@ class _Trainer:
         if bad is not None:
             raise _Diverged(
                 f"the loss became {bad['loss']} at step {bad['step']}; lower --lr, use --precision 32, or check the "
-                f"data. {self.ckpt_path} still holds the last good checkpoint"
+                f"data. {self._last_good()}"
             )
 
     def _train_step(self, images: torch.Tensor) -> torch.Tensor:
@@ -1222,13 +1355,21 @@ class _Trainer:
             )
         if self.ranks.world > 1:
             self._say(f"{self.ranks.world} processes, {self.rank_batch} images each per step (global batch {args.batch_size})")
-        self.metrics_file = open(self.metrics_path, "a", encoding="utf-8") if self.ranks.main else None
+        try:
+            self.metrics_file = open(self.metrics_path, "a", encoding="utf-8") if self.ranks.main else None
+        except OSError as exc:
+            self._say(f"{PROG}: error: {_out_problem(self.out, exc)} (metrics.jsonl)")
+            self.bar.close()
+            return 2
         try:
             with _graceful_stop() as stop:
                 return self._loop(stop)
         except _Diverged as exc:
             self._say(f"{PROG}: error: {exc}")
-            return 1
+            return EXIT_DIVERGED
+        except _OutputError as exc:
+            self._say(f"{PROG}: error: {exc}")
+            return 2
         finally:
             self.bar.close()
             if self.metrics_file is not None:
@@ -1379,8 +1520,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: Command-line arguments without the program name (default: ``sys.argv[1:]``).
 
     Returns:
-        Exit status: 0 done, 1 the loss diverged, 2 bad command line or data (message on stderr),
-        128 + signal number when stopped by SIGINT/SIGTERM after saving a checkpoint.
+        Exit status: 0 done, 1 no batch with 2 readable images, 2 bad command line, data or ``--out`` (message on
+        stderr; also when another run holds ``--out``), 3 (:data:`EXIT_DIVERGED`) the loss or the model state
+        became NaN or infinite (nothing non-finite was saved), 128 + signal number when stopped by SIGINT/SIGTERM
+        after saving a checkpoint.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -1389,9 +1532,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version or a parse error (already printed)
         return int(exc.code or 0)
     ranks: _Ranks | None = None
+    lock: RunLock | None = None
     try:
         try:
             ranks, device = _start_ranks(args.device)
+            if args.data is not None or args.demo:
+                lock = _lock_out(args.out, ranks)  # before anything is written to --out (the demo data too)
             if args.demo:
                 if ranks.main:  # rank 0 generates the demo data; the others then find it complete and reuse it
                     args = _apply_demo(args, parser, argv)
@@ -1405,9 +1551,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         if trainer.step >= trainer.total_steps:
             if ranks.main:
-                trainer.export_backbones()
-                if not (trainer.out / "metrics.png").exists():
-                    plot_metrics(trainer.metrics_path, trainer.out / "metrics.png")
+                try:
+                    trainer.export_backbones()
+                    if not (trainer.out / "metrics.png").exists():
+                        plot_metrics(trainer.metrics_path, trainer.out / "metrics.png")
+                except (_OutputError, OSError) as exc:
+                    print(f"{PROG}: error: {exc}", file=sys.stderr)
+                    return 2
                 print(
                     f"training in {trainer.out} is already complete ({trainer.step}/{trainer.total_steps} steps); "
                     "backbones re-exported. Raise --epochs or --max-steps to train longer",
@@ -1424,6 +1574,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ranks.barrier()
         return status
     finally:
+        if lock is not None:
+            lock.release()
         if ranks is not None and ranks.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
