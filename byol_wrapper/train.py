@@ -46,12 +46,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ._version import __version__
+from ._workers import install_exit_guard, shutdown_loader
 from .byol import BYOL
 from .checkpoint import atomic_save, load_latest_checkpoint, remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state
 from .data import EpochSampler, ImageFolderDataset, LabelledImageFolder, collate_pairs, collate_skip_none
 from .optim import OPTIMIZERS, build_optimizer, warmup_cosine_lr
 
-__all__ = ["MODEL_KEYS", "apply_cifar_stem", "build_backbone", "build_parser", "main", "plot_metrics"]
+__all__ = ["MODEL_KEYS", "apply_cifar_stem", "build_backbone", "build_parser", "default_threads", "main", "plot_metrics"]
 
 PROG = "byol-train"
 
@@ -125,6 +126,24 @@ def _bounded(kind: type, minimum: float, inclusive: bool, what: str) -> Callable
 _positive_int = _bounded(int, 0, False, "a positive integer")
 _non_negative_int = _bounded(int, 0, True, "an integer >= 0")
 _non_negative_float = _bounded(float, 0.0, True, "a finite number >= 0")
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """The default of ``--threads``: half the usable CPU cores, at least 1.
+
+    Torch's own default (one intra-op thread per core) oversubscribes a machine on which anything else runs, the
+    DataLoader workers included, and OpenMP threads that wait for a busy core make each step of a small model
+    several times slower (``benchmarks/RESULTS.md``); half the cores keeps most of the speed of all of them on an
+    idle machine.
+    """
+    return max(1, _usable_cpus() // 2)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -261,6 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("run")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    g.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help=f"intra-op CPU threads of the training process (default: {default_threads()}, half of this machine's "
+        f"{_usable_cpus()} usable CPU cores: the rest is left to the --workers and to other programs, because more "
+        "threads than free cores make small models several times slower)",
+    )
     g.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data order and augmentations")
     g.add_argument(
         "--eval-every",
@@ -1310,7 +1337,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version or a parse error (already printed)
         return int(exc.code or 0)
+    torch.set_num_threads(args.threads or default_threads())
+    install_exit_guard()  # no DataLoader worker can keep the interpreter from exiting
     ranks: _Ranks | None = None
+    trainer: _Trainer | None = None
     try:
         try:
             ranks, device = _start_ranks(args.device)
@@ -1346,6 +1376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ranks.barrier()
         return status
     finally:
+        if trainer is not None:  # on every path: done, error, signal (a traceback may keep the trainer alive)
+            shutdown_loader(trainer.loader)
         if ranks is not None and ranks.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
