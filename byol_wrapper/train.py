@@ -46,6 +46,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ._version import __version__
+from ._extras import missing_train_extras, train_extras_notice
 from ._workers import install_exit_guard, shutdown_loader
 from .byol import BYOL
 from .checkpoint import atomic_save, load_latest_checkpoint, remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state
@@ -1029,7 +1030,7 @@ class _Trainer:
 
     def _plot(self) -> None:
         self.last_plot = time.perf_counter()
-        if self.ranks.main:
+        if self.ranks.main and "matplotlib" not in missing_train_extras():  # else said once at the start
             plot_metrics(self.metrics_path, self.out / "metrics.png")
 
     def _elapsed(self) -> float:
@@ -1339,6 +1340,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     torch.set_num_threads(args.threads or default_threads())
     install_exit_guard()  # no DataLoader worker can keep the interpreter from exiting
+    notice = train_extras_notice(progress=not args.no_progress)
+    if notice and os.environ.get("RANK", "0") == "0":
+        print(notice, file=sys.stderr, flush=True)  # once, at the start (not when the first plot is due)
     ranks: _Ranks | None = None
     trainer: _Trainer | None = None
     try:
