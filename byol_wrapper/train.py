@@ -607,46 +607,13 @@ def plot_metrics(metrics_path: str | os.PathLike[str], png_path: str | os.PathLi
         ``True`` if the plot was written, ``False`` (with a warning) if matplotlib is not installed.
     """
     try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=True)
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError:
         warnings.warn("matplotlib is not installed: skipping metrics.png (pip install matplotlib)", RuntimeWarning, stacklevel=2)
         return False
-    records = _read_metrics(Path(metrics_path))
-    train = [r for r in records if r.get("event") == "train" and r.get("loss") is not None]
-    evals = [r for r in records if r.get("event") == "eval" and r.get("knn_accuracy") is not None]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    ax = axes[0]
-    if train:
-        steps = [r["step"] for r in train]
-        losses = [r["loss"] for r in train]
-        ax.plot(steps, losses, lw=0.6, alpha=0.4, color="C0", label="loss")
-        window = max(1, len(losses) // 50)
-        if window > 1:
-            smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1]) for i in range(len(losses))]
-            ax.plot(steps, smooth, lw=1.5, color="C0", label=f"loss (mean of {window})")
-        ax.legend()
-    ax.set_xlabel("step")
-    ax.set_ylabel("BYOL loss")
-    ax.set_title("training loss")
-    ax.grid(alpha=0.3)
-    ax = axes[1]
-    if evals:
-        ax.plot([r["step"] for r in evals], [100 * r["knn_accuracy"] for r in evals], "o-", color="C1")
-    else:
-        ax.text(0.5, 0.5, "no evaluation data (--eval-data)", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("step")
-    ax.set_ylabel("kNN top-1 accuracy (%)")
-    ax.set_title("kNN monitor (online backbone)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    png_path = Path(png_path)
-    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    from .plot import render_metrics_png  # loss, lr/tau, kNN against chance and random init, collapse statistics
+
+    render_metrics_png(_read_metrics(Path(metrics_path)), png_path)
     return True
 
 
@@ -1090,7 +1057,8 @@ class _Trainer:
             temperature=self.args.knn_temperature,
             num_classes=len(self.eval_sets[0].classes),
         )
-        record: dict[str, Any] = {"event": "eval", "step": self.step, "epoch": self.epoch, "knn_accuracy": acc}
+        record: dict[str, Any] = {"event": "eval", "step": self.step, "epoch": self.epoch, "knn_accuracy": acc,
+                                  "num_classes": len(self.eval_sets[0].classes)}
         if test_f[0].shape[0] >= 2:
             stats = collapse_stats(test_f[0])
             record.update(std_ratio=stats["std_ratio"], effective_rank=stats["effective_rank"])
@@ -1100,6 +1068,10 @@ class _Trainer:
         self._log(record)
         self._flush_file()
         self._say(f"step {self.step}: kNN accuracy {100 * acc:.2f}% (k={self.args.knn_k})")
+        from .plot import health_warnings
+
+        for message in health_warnings([record]):
+            self._say(f"warning: {message}")
         if time.perf_counter() - self.last_plot > _PLOT_INTERVAL_S and self.step < self.total_steps:
             self._plot()  # refreshed during long runs; always written at the end
 
