@@ -1218,7 +1218,10 @@ class _Trainer:
                 if stopping:
                     sig = stop.get("signal", signal.SIGTERM)  # SIGTERM where another rank got the signal
                     self._plot()
-                    self._say(f"stopped by signal {sig} at step {self.step}; checkpoint saved to {self.ckpt_path}")
+                    self._say(
+                        f"stopped by signal {sig} at step {self.step}; checkpoint saved to {self.ckpt_path}. "
+                        f"To resume, run the same command again (same --out {self.out})"
+                    )
                     return 128 + sig
             if self.step == step_at_start:
                 self._say(f"{PROG}: error: no batch with at least 2 readable images in epoch {self.epoch}; check --data")

@@ -156,7 +156,7 @@ def test_signal_saves_and_exits_128_plus_signal(workdir: Path, tmp_path: Path, s
     rc = _wait(proc, log, deadline)
     text = log.read_text(errors="replace")
     assert rc == 128 + sig, text[-3000:]
-    assert f"stopped by signal {int(sig)}" in text
+    assert f"stopped by signal {int(sig)}" in text and "To resume, run the same command again" in text
     _no_workers_left(proc)
 
 
