@@ -51,3 +51,27 @@ def test_no_notice_when_the_extra_is_installed(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setitem(sys.modules, "tqdm", None)
     assert train_extras_notice(progress=False) is None  # --no-progress needs no tqdm
     assert "tqdm" in train_extras_notice(progress=True)
+
+
+def test_threads_flag_and_its_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import os
+
+    import torch
+
+    from byol_wrapper import train
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert train.default_threads() == 4  # half the usable cores
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert train.default_threads() == 1
+    assert main(["--help"]) == 0
+    assert "default: 1, half of this machine's 1 usable CPU cores" in " ".join(capsys.readouterr().out.split())
+    argv = ["--data", str(_images(tmp_path / "data")), "--out", str(tmp_path / "run"), "--backbone",
+            "byol_wrapper.demo:SmallCNN", "--backbone-kwargs", '{"width": 4, "depth": 2}', "--hidden-layer", "pool",
+            "--image-size", "16", "--batch-size", "4", "--projection-size", "16", "--projection-hidden-size", "32",
+            "--workers", "0", "--device", "cpu", "--max-steps", "1", "--no-progress"]
+    assert main([*argv, "--threads", "3"]) == 0
+    assert torch.get_num_threads() == 3
+    assert main([*argv, "--out", str(tmp_path / "run2")]) == 0
+    assert torch.get_num_threads() == 1  # the default
+    assert main([*argv, "--threads", "0"]) == 2
