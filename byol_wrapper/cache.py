@@ -239,7 +239,13 @@ def open_cache(
             if index["files"] == rel and index["sizes"] == sizes and index["mtimes_ns"] == mtimes:
                 say(
                     f"cache: reusing {cache_dir / index['array']} ({index['num_images']} images at {load_size} px"
-                    + (f", {len(index['skipped'])} unreadable file(s) skipped when it was built" if index["skipped"] else "")
+                    + (
+                        f", {len(index['skipped'])} unreadable file(s) skipped when it was built: "
+                        + ", ".join(index["skipped"][:5])
+                        + (", ..." if len(index["skipped"]) > 5 else "")
+                        if index["skipped"]
+                        else ""
+                    )
                     + ")"
                 )
                 return _cache_of(index, cache_dir)

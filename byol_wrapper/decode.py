@@ -2,11 +2,11 @@
 
 What decodes what (measured by ``benchmarks/data_pipeline.py``, figures in ``benchmarks/RESULTS.md``):
 
-* **JPEG, shorter side at least 4x the load size** (e.g. a 500x375 photo to 32 px): Pillow in *draft* mode,
-  which makes libjpeg scale the DCT by 1/2, 1/4 or 1/8 while decoding (to no less than twice the load size),
+* **JPEG, shorter side at least 2x the load size** (e.g. a 500x375 photo to 32 or 96 px): Pillow in *draft*
+  mode, which makes libjpeg scale the DCT by 1/2, 1/4 or 1/8 while decoding (to no less than the load size),
   then an antialiased bilinear resize of the small result. It skips most of the inverse DCT and colour
   conversion work.
-* **Other JPEGs** (e.g. 500x375 to 96 or 224 px): ``torchvision.io.decode_jpeg`` (libjpeg-turbo)
+* **Other JPEGs** (e.g. 500x375 to 224 px): ``torchvision.io.decode_jpeg`` (libjpeg-turbo)
   straight into a tensor, centre crop as a view, and torch's antialiased uint8 bilinear resize (the AVX2 path),
   about 1.7x Pillow's decode + ``ImageOps.fit``.
 * **Everything else** (PNG, TIFF, 16-bit, GIF, WebP, ...) goes through :func:`byol_wrapper.data._load_image`, the
@@ -14,7 +14,8 @@ What decodes what (measured by ``benchmarks/data_pipeline.py``, figures in ``ben
 
 All paths return what the reference returns: EXIF orientation applied, shorter side resized to ``load_size`` and
 centre crop to ``load_size x load_size``, uint8 ``(C, S, S)``; the results differ from a full-size decode and
-resize by about one grey level per pixel on average (``tests/test_decode.py``). Unreadable files raise, and
+resize by 0.3-2 grey levels per pixel on average on photos, up to 5 on fine texture at 1/8 DCT scale
+(``tests/test_decode.py``). Unreadable files raise, and
 :class:`FastDecode` turns that into the ``None`` + warning that :func:`~byol_wrapper.data.collate_skip_none`
 counts, as :class:`~byol_wrapper.data.ImageFolderDataset` does.
 
@@ -125,11 +126,11 @@ def _decode_jpeg_cpu(data: bytes, load_size: int, mode: str) -> torch.Tensor:
 
     with Image.open(io.BytesIO(data)) as img:
         w, h = img.size
-        if min(w, h) >= 4 * load_size:  # a DCT scale of 1/2 or less fits: Pillow's draft decode is fastest
-            # Decode at >= 2x the target, not just >= 1x: the antialiased resize then still averages several
-            # pixels per output pixel, which keeps fine texture within ~1 grey level of a full-size decode (draft
-            # to 1x the target differs by ~5 on fur-like texture, at nearly the same speed).
-            img.draft(mode, (2 * load_size, 2 * load_size))
+        if min(w, h) >= 2 * load_size:  # a DCT scale of 1/2 or less fits: Pillow's draft decode is fastest
+            # Draft to >= 1x the target. Drafting to >= 2x would bring fine texture (the fur of skimage's
+            # "chelsea" at 32 px) from ~5 to ~1 grey level of a full-size decode, but costs 25% of the speed at
+            # 32 px; other photos are within ~1.5 either way (tests/test_decode.py).
+            img.draft(mode, (load_size, load_size))
             img = ImageOps.exif_transpose(img.convert(mode))
             img = ImageOps.fit(img, (load_size, load_size), method=getattr(Image, "Resampling", Image).BILINEAR)
             from torchvision.transforms.functional import pil_to_tensor

@@ -51,7 +51,7 @@ def test_cache_holds_the_decoded_folder_and_is_reused(tmp_path: Path, monkeypatc
     monkeypatch.setattr(FastDecode, "__getitem__", lambda self, i: pytest.fail("decoded again"))
     said.clear()
     again = open_cache(tmp_path / "cache", _dataset(data), say=said.append)
-    assert len(said) == 1 and said[0].startswith("cache: reusing") and "1 unreadable" in said[0]
+    assert len(said) == 1 and said[0].startswith("cache: reusing") and "1 unreadable file(s) skipped when it was built: c1/broken.jpg" in said[0]
     broken = [p.name for p in ds.files].index("broken.jpg")
     images, _, skipped = again[[3, broken, 0]]
     assert skipped == 1 and torch.equal(images, want[[3, 0]])
