@@ -23,7 +23,8 @@ i.e. per core (workers scale it by the number of cores), and steady on a shared 
 Table 2 (end to end): ``byol-train`` images/s (from the ``time`` of the per-step metrics, so start-up, cache
 build and evaluation are excluded) on the demo data (16 px PNGs, demo settings) and on CIFAR-size data (32 px
 JPEGs: CIFAR-10 train images from ``--cifar DIR`` if given, else generated), each with and without ``--cache``,
-in subprocesses, ``--workers`` DataLoader workers (default 0: on 2 cores a worker competes with training).
+in subprocesses with one intra-op thread (``OMP_NUM_THREADS=1``) and ``--workers`` DataLoader workers (default 0:
+on 2 cores a worker competes with training).
 
 Command (as recorded in ``benchmarks/RESULTS.md``)::
 
@@ -201,7 +202,8 @@ def _cifar_subset(src: Path | None, dst: Path, n: int) -> Path:
 
 def _train_rate(argv: list[str], out: Path) -> str:
     cmd = [sys.executable, "-m", "byol_wrapper.train", *argv, "--out", str(out), "--no-progress", "--log-every", "1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one intra-op thread: steadier on a shared machine
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return f"failed ({proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode})"
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -263,7 +265,7 @@ def main() -> None:
         for n in notes:
             print(f"- {n}")
         if args.e2e_steps:
-            print(f"\n#### byol-train end to end ({args.e2e_steps} steps, --workers {args.workers}, CPU)")
+            print(f"\n#### byol-train end to end ({args.e2e_steps} steps, --workers {args.workers}, 1 thread, CPU, wall time)")
             print(f"- load average at start: {', '.join(f'{v:.2f}' for v in os.getloadavg())}\n")
             print("\n".join(e2e_table(work, args.cifar, args.e2e_steps, args.workers, args.cifar_images)))
     finally:

@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=DECODE_CHOICES,
         default="auto",
         help="where the folder path decodes images: auto (GPU nvJPEG batches on CUDA, else the fastest CPU decoder "
-        "per format), cpu, or gpu (falls back to the CPU with an info line where it cannot run)",
+        "per format), cpu, or gpu (falls back to the CPU with an info line where it cannot run); with --cache, "
+        "the cache is built with the CPU decoders",
     )
 
     g = p.add_argument_group("model")
