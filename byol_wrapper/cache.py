@@ -290,7 +290,8 @@ def _build(
     array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, channels, load_size, load_size))
     rows = [-1] * n
     skipped: list[str] = []
-    loader = DataLoader(_Indexed(dataset), batch_size=64, num_workers=workers, collate_fn=_identity)
+    # A private generator: the loader's seed must not be drawn from the global RNG (the run's augmentations).
+    loader = DataLoader(_Indexed(dataset), batch_size=64, num_workers=workers, collate_fn=_identity, generator=torch.Generator())
     bar = None
     if progress:
         with contextlib.suppress(ImportError):

@@ -53,6 +53,7 @@ def fast_loader(
             num_workers=0,
             collate_fn=_identity,
             pin_memory=device.type == "cuda",
+            generator=loader.generator,  # each epoch's iterator draws a seed from it, never from the global RNG
         )
         return batches, "cache"
     if resolve_decode(args.decode, device, say) == "gpu":
