@@ -874,10 +874,16 @@ class _Trainer:
     def _setup_fast_data(self) -> None:
         from .pipeline import fast_loader
 
+        ordered = self.args.cache is not None and self.ranks.world > 1  # rank 0 builds (and reports) first
+        if ordered and not self.ranks.main:
+            self.ranks.barrier()
         try:
             self.loader, self.decode = fast_loader(self, self.args, self.dataset, self.sampler, self.loader, self._say_now)
         except ValueError as exc:
             raise UsageError(f"--cache: {exc}") from exc
+        finally:
+            if ordered and self.ranks.main:
+                self.ranks.barrier()  # also on an error: the others then fail the same way instead of waiting
 
     def _say_now(self, msg: str) -> None:
         if self.ranks.main:
