@@ -562,6 +562,8 @@ class BYOL(nn.Module):
     @torch.no_grad()
     def _augment_checked(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`augment` of a batch :meth:`_check_input` validated: the built-in views skip their image checks."""
+        if type(self).augment is not BYOL.augment:  # a subclass's own augment() is honoured, as before
+            return self.augment(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
             one, two = self.augment1, self.augment2  # either may be a user's callable (byol-pytorch code sets them)
             return (
