@@ -49,16 +49,16 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ._version import __version__
-from ._extras import missing_train_extras, train_extras_notice
-from ._workers import install_exit_guard, shutdown_loader
-from .byol import BYOL
-from .checkpoint import atomic_save, load_latest_checkpoint, remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state
-from .checkpoint import CheckpointUnreadableError, ForeignCheckpointError, nonfinite_entries, set_aside
-from .data import EpochSampler, ImageFolderDataset, LabelledImageFolder, collate_pairs, collate_skip_none
-from .decode import DECODE_CHOICES, FastDecode
-from .lock import RunLock, RunLockedError
-from .optim import OPTIMIZERS, build_optimizer, warmup_cosine_lr
+from .._version import __version__
+from .._extras import missing_train_extras, train_extras_notice
+from .._workers import install_exit_guard, shutdown_loader
+from ..byol import BYOL
+from ..checkpoint import atomic_save, load_latest_checkpoint, remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state
+from ..checkpoint import CheckpointUnreadableError, ForeignCheckpointError, nonfinite_entries, set_aside
+from ..data import EpochSampler, ImageFolderDataset, LabelledImageFolder, collate_pairs, collate_skip_none
+from ..decode import DECODE_CHOICES, FastDecode
+from ..lock import RunLock, RunLockedError
+from ..optim import OPTIMIZERS, build_optimizer, warmup_cosine_lr
 
 __all__ = ["MODEL_KEYS", "apply_cifar_stem", "build_backbone", "build_parser", "default_threads", "main", "plot_metrics"]
 
@@ -492,7 +492,7 @@ def build_backbone(
         else:
             model = builder(weights=None, **kwargs)
             if channels is not None:
-                from .channels import adapt_first_conv
+                from ..channels import adapt_first_conv
 
                 adapt_first_conv(model, channels)
     if cifar_stem:
@@ -757,7 +757,7 @@ def plot_metrics(metrics_path: str | os.PathLike[str], png_path: str | os.PathLi
     except ImportError:
         warnings.warn("matplotlib is not installed: skipping metrics.png (pip install matplotlib)", RuntimeWarning, stacklevel=2)
         return False
-    from .plot import render_metrics_png  # loss, lr/tau, kNN against chance and random init, collapse statistics
+    from ..plot import render_metrics_png  # loss, lr/tau, kNN against chance and random init, collapse statistics
 
     render_metrics_png(_read_metrics(Path(metrics_path)), png_path)
     return True
@@ -1040,7 +1040,7 @@ class _Trainer:
             return set()
 
     def _setup_fast_data(self) -> None:
-        from .pipeline import fast_loader
+        from ..pipeline import fast_loader
 
         if self.args.channels is not None:  # full-precision decoding on the CPU (checked against --cache above)
             if self.args.decode == "gpu":
@@ -1292,7 +1292,7 @@ class _Trainer:
         """kNN accuracy of the online backbone's representation, logged as an ``eval`` record (rank 0 only)."""
         if self.eval_sets is None or not self.ranks.main:
             return
-        from .evaluate import collapse_stats, extract_features, knn_accuracy
+        from ..evaluate import collapse_stats, extract_features, knn_accuracy
 
         start = time.perf_counter()
         encoder = _Embedder(self.learner)
@@ -1324,7 +1324,7 @@ class _Trainer:
         self._log(record)
         self._flush_file()
         self._say(f"step {self.step}: kNN accuracy {100 * acc:.2f}% (k={self.args.knn_k})")
-        from .plot import health_warnings
+        from ..plot import health_warnings
 
         for message in health_warnings([record]):
             self._say(f"warning: {message}")
@@ -1541,7 +1541,7 @@ def _demo_argv(config: dict[str, Any], parser: argparse.ArgumentParser) -> list[
 def _apply_demo(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     """Re-parses with the demo settings before the user's flags (which win), and points the data at the demo set."""
     try:
-        from . import demo
+        from .. import demo
     except ImportError as exc:
         raise UsageError(f"--demo needs byol_wrapper.demo, which cannot be imported: {exc}") from exc
     config = dict(demo.DEMO_CONFIG)
