@@ -23,7 +23,7 @@ from PIL import Image
 from torch import nn
 
 import byol_wrapper.checkpoint as ckpt_mod
-import byol_wrapper.train as train_mod
+import byol_wrapper.cli.trainer as train_mod
 from byol_wrapper import BYOL
 from byol_wrapper.checkpoint import load_checkpoint, load_latest_checkpoint, nonfinite_entries, previous_path, save_checkpoint
 from byol_wrapper.data import ImageFolderDataset, find_images

@@ -328,7 +328,7 @@ def test_own_backbone_module_in_the_current_folder(
 
 
 def test_augment_kwargs_reach_the_views(folders: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import byol_wrapper.train as train_module
+    import byol_wrapper.cli.trainer as train_module
 
     seen = {}
     real = train_module.BYOL

@@ -1,0 +1,29 @@
+"""BYOL pretraining from the command line: ``byol-train`` or ``python -m byol_wrapper.train``.
+
+The command line lives in :mod:`byol_wrapper.cli`; this module keeps the entry point ``byol_wrapper.train:main``
+and the names it has always exported.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from .cli.trainer import (  # noqa: F401 - re-exported
+    EXIT_DIVERGED,
+    MODEL_KEYS,
+    UsageError,
+    _Ranks,
+    _resolve_precision,
+    _Trainer,
+    apply_cifar_stem,
+    build_backbone,
+    build_parser,
+    default_threads,
+    main,
+    plot_metrics,
+)
+
+__all__ = ["MODEL_KEYS", "apply_cifar_stem", "build_backbone", "build_parser", "default_threads", "main", "plot_metrics"]
+
+if __name__ == "__main__":
+    sys.exit(main())
