@@ -63,6 +63,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import byol_wrapper  # noqa: E402
 from _common import device_name, package_version, setup_torch  # noqa: E402
 from byol_wrapper import BYOL, byol_views  # noqa: E402
+from byol_wrapper.backbones import build_backbone  # noqa: E402
+from byol_wrapper.engine import train_step  # noqa: E402
 from byol_wrapper.momentum import ema_update_  # noqa: E402
 
 
@@ -103,14 +105,10 @@ def percentile(values: list[float], q: float) -> float:
 # ------------------------------------------------------------------------------------------------ models
 def make_backbone(name: str, cifar_stem: bool) -> nn.Module:
     """A torchvision classifier with ``fc`` replaced by ``nn.Identity`` (the heads replace it)."""
-    if not hasattr(torchvision.models, name):
-        raise SystemExit(f"--backbone {name!r} is not a torchvision.models constructor")
-    net = getattr(torchvision.models, name)(weights=None)
-    if cifar_stem:
-        if not hasattr(net, "conv1"):
-            raise SystemExit("--cifar-stem needs a ResNet-like backbone (conv1 / maxpool)")
-        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, 3, 1, 1, bias=False)
-        net.maxpool = nn.Identity()
+    try:
+        net = build_backbone(name, cifar_stem=cifar_stem)
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"--backbone {name!r}{' --cifar-stem' if cifar_stem else ''}: {exc}") from None
     if hasattr(net, "fc"):
         net.fc = nn.Identity()
     return net
@@ -139,8 +137,12 @@ class Config:
         self.times: list[float] = []
 
 
-def make_step(learner: nn.Module, x: torch.Tensor, lr: float) -> Callable[[], None]:
+def make_step(learner: nn.Module, x: torch.Tensor, lr: float, ours: bool = True) -> Callable[[], None]:
+    """One training step: byol_wrapper's shared step (:func:`byol_wrapper.engine.train_step`), or the same
+    operations written out for byol-pytorch's learner."""
     opt = torch.optim.Adam([p for p in learner.parameters() if p.requires_grad], lr=lr)
+    if ours:
+        return lambda: train_step(learner, opt, x) and None
 
     def step() -> None:
         loss = learner(x)
@@ -185,7 +187,7 @@ def build_configs(args: argparse.Namespace, device: torch.device, x: torch.Tenso
             configs.append(Config(aug, label, bn, make_step(learner, x, args.lr), True, theirs_name))
         torch.manual_seed(0)
         theirs = TheirBYOL(backbone(), args.image_size, use_simplicial_embeddings=False, **common, **theirs_kw).to(device)
-        configs.append(Config(aug, theirs_name, "one batch (2B)", make_step(theirs, x, args.lr), False, None))
+        configs.append(Config(aug, theirs_name, "one batch (2B)", make_step(theirs, x, args.lr, ours=False), False, None))
     return configs
 
 

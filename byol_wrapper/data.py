@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from .image_io import ARRAY_EXTENSIONS, load_image
+from .utils.checks import check_choice, check_dir, check_int
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -40,23 +41,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".g
 """File extensions (case-insensitive) that are treated as images."""
 
 Sample = Optional[tuple[torch.Tensor, int]]
-
-
-def _check_root(root: str | os.PathLike[str], name: str) -> Path:
-    if not isinstance(root, (str, os.PathLike)):
-        raise TypeError(f"{name} must be a path to a folder of images, got {type(root).__name__}")
-    path = Path(root).expanduser()
-    if not path.exists():
-        raise ValueError(f"{name} {str(path)!r} does not exist; pass a folder of images (class subfolders or flat)")
-    if not path.is_dir():
-        raise ValueError(f"{name} {str(path)!r} is not a folder; pass the folder that contains the images")
-    return path
-
-
-def _check_size(load_size: Any) -> int:
-    if isinstance(load_size, bool) or not isinstance(load_size, int) or load_size <= 0:
-        raise ValueError(f"load_size must be a positive int (pixels of the square images returned), got {load_size!r}")
-    return load_size
 
 
 def _is_image(name: str, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> bool:
@@ -127,7 +111,7 @@ def find_images(
         TypeError: ``root`` is not a path.
         ValueError: ``root`` does not exist or is not a folder.
     """
-    return _scan_and_warn(_check_root(root, "root"), warn, extensions)[0]
+    return _scan_and_warn(check_dir("root", root), warn, extensions)[0]
 
 
 def _scan_and_warn(
@@ -196,12 +180,11 @@ class ImageFolderDataset(Dataset):
     def __init__(
         self, root: str | os.PathLike[str], load_size: int, *, mode: str = "RGB", warn: bool = True, channels: int | None = None
     ) -> None:
-        self.root = _check_root(root, "root")
-        self.load_size = _check_size(load_size)
-        if mode not in ("RGB", "L"):
-            raise ValueError(f"mode must be 'RGB' or 'L', got {mode!r}")
-        if channels is not None and (isinstance(channels, bool) or not isinstance(channels, int) or channels <= 0):
-            raise ValueError(f"channels must be a positive int or None, got {channels!r}")
+        self.root = check_dir("root", root)
+        self.load_size = check_int("load_size", load_size, 1, error=ValueError)
+        mode = check_choice("mode", mode, ("RGB", "L"))
+        if channels is not None:
+            channels = check_int("channels (or None)", channels, 1, error=ValueError)
         self.mode = mode
         self.channels = channels
         self.warn = bool(warn)
@@ -334,10 +317,8 @@ class EpochSampler(Sampler[int]):
     """
 
     def __init__(self, num_samples: int, seed: int = 0, shuffle: bool = True, *, num_replicas: int = 1, rank: int = 0) -> None:
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
-            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
-        if isinstance(num_replicas, bool) or not isinstance(num_replicas, int) or num_replicas <= 0:
-            raise ValueError(f"num_replicas must be a positive int (the world size), got {num_replicas!r}")
+        num_samples = check_int("num_samples", num_samples, 1, error=ValueError)
+        num_replicas = check_int("num_replicas (the world size)", num_replicas, 1, error=ValueError)
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < num_replicas:
             raise ValueError(f"rank must be an int in [0, {num_replicas}) (num_replicas={num_replicas}), got {rank!r}")
         self.num_samples = num_samples

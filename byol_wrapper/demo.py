@@ -33,8 +33,9 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
-from .evaluate import _check_int
+from .backbones import SmallCNN, build_backbone
 from .optim import OPTIMIZERS
+from .utils.checks import check_choice, check_dir, check_int
 
 __all__ = [
     "DEMO_CLASSES",
@@ -59,7 +60,7 @@ DEMO_CLASSES: tuple[str, ...] = ("circle", "cross", "ring", "square", "star", "t
 #: colour jitter and grayscale stronger than the paper's, because the generated images vary in colour much more
 #: than photographs do.
 #:
-#: Keys: ``backbone`` (a :func:`byol_wrapper.train.build_backbone` name: torchvision, ``timm:NAME`` or
+#: Keys: ``backbone`` (a :func:`byol_wrapper.backbones.build_backbone` name: torchvision, ``timm:NAME`` or
 #: ``MODULE:CALLABLE``), ``cifar_stem``, ``hidden_layer``, ``image_size`` (of the generated images and of the views),
 #: ``n_train_per_class``/``n_test_per_class``/``data_seed`` (the data set), ``batch_size``, ``max_steps`` (optimizer
 #: steps), ``optimizer`` (``"lars"``, ``"adamw"`` or ``"sgd"``), ``lr``, ``weight_decay`` (biases and norm parameters
@@ -97,18 +98,6 @@ _SPLITS = ("train", "test")
 _MARKER = "demo_dataset.json"
 _FORMAT_VERSION = 1
 _SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down (anti-aliasing)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# argument validation
-
-
-def _check_root(root: Any) -> Path:
-    if not isinstance(root, (str, Path)):
-        raise TypeError(f"root must be a str or pathlib.Path (a folder to write the data set into); got {type(root).__name__}")
-    if str(root) == "":
-        raise ValueError("root must be a non-empty path (a folder to write the data set into)")
-    return Path(root)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -241,13 +230,13 @@ def generate_demo_dataset(
         TypeError: If ``root`` is not a path or a count, size or seed is not an int.
         ValueError: If a count, the size or the seed is out of range.
     """
-    root = _check_root(root)
+    root = check_dir("root", root, must_exist=False, what="a folder to write the data set into")
     counts = {
-        "train": _check_int("n_train_per_class", n_train_per_class, 1),
-        "test": _check_int("n_test_per_class", n_test_per_class, 1),
+        "train": check_int("n_train_per_class", n_train_per_class, 1),
+        "test": check_int("n_test_per_class", n_test_per_class, 1),
     }
-    image_size = _check_int("image_size", image_size, 8)
-    seed = _check_int("seed", seed, 0)
+    image_size = check_int("image_size", image_size, 8)
+    seed = check_int("seed", seed, 0)
     meta = {
         "format": _FORMAT_VERSION,
         "classes": list(DEMO_CLASSES),
@@ -294,9 +283,8 @@ def load_demo_split(root: str | Path, split: str) -> tuple[torch.Tensor, torch.T
         TypeError: If ``root`` is not a path.
         ValueError: If ``split`` is unknown, the folder has no class folders or images, or image sizes differ.
     """
-    root = _check_root(root)
-    if split not in _SPLITS:
-        raise ValueError(f"split must be one of {_SPLITS}; got {split!r}")
+    root = check_dir("root", root, must_exist=False, what="the folder generate_demo_dataset wrote")
+    split = check_choice("split", split, _SPLITS)
     folder = root / split
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
     if not classes:
@@ -319,56 +307,12 @@ def load_demo_split(root: str | Path, split: str) -> tuple[torch.Tensor, torch.T
 # model and training
 
 
-class SmallCNN(nn.Module):
-    """A small convolutional backbone for the demo: ``depth`` blocks of 3x3 conv, BatchNorm and ReLU.
-
-    Block ``i`` has ``width * 2**i`` channels and all but the last end in a 2x2 max-pool; ``pool`` averages the
-    last feature map and ``flatten`` makes it a vector, so ``hidden_layer="pool"`` (or ``-1``, the output) is the
-    representation. The defaults (32, 64, 128 channels) have 0.1 M parameters and take about 2.6 M multiply-adds
-    per 16 px image.
-
-    Args:
-        width: Channels of the first block (>= 1).
-        depth: Number of blocks (>= 1).
-        in_channels: Channels of the input images (>= 1).
-
-    Raises:
-        TypeError: If an argument is not an int.
-        ValueError: If an argument is below 1.
-    """
-
-    def __init__(self, width: int = 32, depth: int = 3, in_channels: int = 3) -> None:
-        super().__init__()
-        width = _check_int("width", width, 1)
-        depth = _check_int("depth", depth, 1)
-        channels = _check_int("in_channels", in_channels, 1)
-        layers: list[nn.Module] = []
-        for i in range(depth):
-            out = width * 2**i
-            layers += [nn.Conv2d(channels, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
-            if i < depth - 1:
-                layers.append(nn.MaxPool2d(2))
-            channels = out
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
-        #: Size of the representation.
-        self.num_features = channels
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(N, C, H, W)`` images -> ``(N, num_features)`` features."""
-        return self.flatten(self.pool(self.features(x)))
-
-
 def build_demo_backbone(backbone: str = "byol_wrapper.demo:SmallCNN", cifar_stem: bool = False) -> nn.Module:
     """A randomly initialised backbone, built as ``byol-train --backbone`` builds it.
 
     Args:
         backbone: A torchvision model name (e.g. ``"resnet18"``), ``"timm:NAME"`` or ``"MODULE:CALLABLE"`` (see
-            :func:`byol_wrapper.train.build_backbone`).
+            :func:`byol_wrapper.backbones.build_backbone`).
         cifar_stem: Replace the ResNet stem (7x7 stride-2 convolution and max-pool) by a 3x3 stride-1 convolution
             and no pooling, for small images.
 
@@ -379,8 +323,6 @@ def build_demo_backbone(backbone: str = "byol_wrapper.demo:SmallCNN", cifar_stem
         TypeError: If ``backbone`` is not a str.
         ValueError: If the name is unknown, or ``cifar_stem`` is asked for a model without ``conv1``/``maxpool``.
     """
-    from .train import build_backbone
-
     return build_backbone(backbone, cifar_stem=cifar_stem)
 
 
@@ -394,8 +336,8 @@ def _merge_config(config: Mapping[str, Any]) -> dict[str, Any]:
     if merged["optimizer"] not in OPTIMIZERS:
         raise ValueError(f"config['optimizer'] must be one of {OPTIMIZERS}; got {merged['optimizer']!r}")
     for key in ("batch_size", "max_steps", "image_size", "n_train_per_class", "n_test_per_class", "knn_k"):
-        _check_int(f"config[{key!r}]", merged[key], 2 if key == "batch_size" else 1)
-    _check_int("config['warmup_steps']", merged["warmup_steps"], 0)
+        check_int(f"config[{key!r}]", merged[key], 2 if key == "batch_size" else 1)
+    check_int("config['warmup_steps']", merged["warmup_steps"], 0)
     return merged
 
 
@@ -431,10 +373,11 @@ def run_demo_experiment(
     """
     from .byol import BYOL
     from .evaluate import knn_accuracy
-    from .optim import build_optimizer, warmup_cosine_lr
+    from .engine import Schedule, train_step
+    from .optim import build_optimizer
 
     cfg = _merge_config(config)
-    seed = _check_int("seed", seed, 0)
+    seed = check_int("seed", seed, 0)
     say = log if log is not None else (lambda _msg: None)
     start = time.perf_counter()
 
@@ -445,7 +388,7 @@ def run_demo_experiment(
             n_train_per_class=cfg["n_train_per_class"],
             n_test_per_class=cfg["n_test_per_class"],
             image_size=cfg["image_size"],
-            seed=_check_int("config['data_seed']", cfg["data_seed"], 0),
+            seed=check_int("config['data_seed']", cfg["data_seed"], 0),
         )
         train = load_demo_split(data_root, "train")
         test = load_demo_split(data_root, "test")
@@ -486,6 +429,7 @@ def run_demo_experiment(
 
     optimizer = build_optimizer(cfg["optimizer"], learner, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     total = cfg["max_steps"]
+    schedule = Schedule(total, cfg["lr"], min(cfg["warmup_steps"], total), base_tau=cfg["moving_average_decay"])
 
     images = train[0]
     batch = min(cfg["batch_size"], images.shape[0])
@@ -496,14 +440,7 @@ def run_demo_experiment(
     while len(losses) < total:
         order = torch.randperm(images.shape[0], generator=generator)
         for i in range(0, images.shape[0] - batch + 1, batch):  # drop the last partial batch (BatchNorm)
-            for group in optimizer.param_groups:
-                group["lr"] = warmup_cosine_lr(len(losses), total, min(cfg["warmup_steps"], total), cfg["lr"])
-            loss = learner(images[order[i : i + batch]])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            learner.update_moving_average()
-            losses.append(loss.detach())
+            losses.append(train_step(learner, optimizer, images[order[i : i + batch]], schedule=schedule).loss)
             if log is not None and len(losses) % max(1, total // 5) == 0:
                 recent = float(torch.stack(losses[-10:]).mean())
                 say(f"step {len(losses)}/{total}  loss {recent:.3f}  ({time.perf_counter() - t:.0f}s)")

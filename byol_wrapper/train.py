@@ -8,20 +8,12 @@ from __future__ import annotations
 
 import sys
 
-from .cli.trainer import (  # noqa: F401 - re-exported
-    EXIT_DIVERGED,
-    MODEL_KEYS,
-    UsageError,
-    _Ranks,
-    _resolve_precision,
-    _Trainer,
-    apply_cifar_stem,
-    build_backbone,
-    build_parser,
-    default_threads,
-    main,
-    plot_metrics,
-)
+from .backbones import apply_cifar_stem, build_backbone
+from .cli import main
+from .cli.args import UsageError, build_parser, default_threads
+from .cli.metrics import plot_metrics
+from .cli.runtime import EXIT_DIVERGED
+from .cli.trainer import MODEL_KEYS
 
 __all__ = ["MODEL_KEYS", "apply_cifar_stem", "build_backbone", "build_parser", "default_threads", "main", "plot_metrics"]
 

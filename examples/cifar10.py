@@ -55,11 +55,9 @@ import os
 import platform
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -76,7 +74,9 @@ from byol_wrapper.evaluate import (
     knn_accuracy,
     linear_probe,
 )
-from byol_wrapper.optim import OPTIMIZERS, build_optimizer, warmup_cosine_lr
+from byol_wrapper.backbones import build_backbone
+from byol_wrapper.engine import Schedule, autocast, grad_scaler, resolve_device, resolve_precision, train_step
+from byol_wrapper.optim import OPTIMIZERS, build_optimizer
 
 CACHE_VERSION = 1
 
@@ -147,9 +147,7 @@ def subset(x: torch.Tensor, y: torch.Tensor, n: int, seed: int) -> tuple[torch.T
 # ------------------------------------------------------------------------------------------------ model
 def cifar_resnet18() -> nn.Module:
     """torchvision ResNet-18 with the CIFAR stem: 3x3 stride-1 conv1, no max-pool; ``fc`` removed (512-d output)."""
-    net = torchvision.models.resnet18()
-    net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-    net.maxpool = nn.Identity()
+    net = build_backbone("resnet18", cifar_stem=True)
     net.fc = nn.Identity()
     return net
 
@@ -167,23 +165,6 @@ class Embedder(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: CUDA is not available on this machine")
-    return device
-
-
-def pick_precision(name: str, device: torch.device) -> str:
-    if name == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if name == "fp16" and device.type != "cuda":
-        raise SystemExit("--precision fp16 needs CUDA; use bf16 or fp32 on CPU")
-    return name
-
-
 def fmt_time(seconds: float) -> str:
     m, s = divmod(round(seconds), 60)
     return f"{m // 60}h{m % 60:02d}m{s:02d}s" if m >= 60 else f"{m}m{s:02d}s"
@@ -245,8 +226,11 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
-    precision = pick_precision(args.precision, device)
+    try:
+        device = resolve_device(args.device)
+        precision = resolve_precision(args.precision, device)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -294,12 +278,11 @@ def main(argv: list[str] | None = None) -> dict:
     # Channels-last weights make the learner feed channels-last views to the backbone (faster convolutions on
     # recent GPUs, and with oneDNN on CPUs).
     learner = learner.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
-    train_step = torch.compile(learner) if args.compile else learner  # the whole learner, augmentations included
+    model = torch.compile(learner) if args.compile else learner  # the whole learner, augmentations included
     opt = build_optimizer(args.optimizer, learner, lr=peak_lr, weight_decay=weight_decay, trust_coefficient=args.trust_coefficient)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    embedder = Embedder(learner, autocast)
+    scaler = grad_scaler(device) if precision == "fp16" else None
+    embedder = Embedder(learner, lambda: autocast(device, precision))
+    schedule = Schedule(total_steps, peak_lr, warmup_steps(total_steps), base_tau=args.tau)
 
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'CPU'}), "
           f"{torch.get_num_threads()} threads, precision {precision}, channels_last {args.channels_last}, compile {args.compile}")
@@ -343,22 +326,10 @@ def main(argv: list[str] | None = None) -> dict:
         perm = torch.randperm(n_train, device=train_x.device)
         for i in range(steps_per_epoch):
             t0 = time.perf_counter()
-            lr = warmup_cosine_lr(step, total_steps, warmup_steps(total_steps), peak_lr)
-            for group in opt.param_groups:
-                group["lr"] = lr
             images = train_x[perm[i * batch_size:(i + 1) * batch_size]].to(device, non_blocking=True)
-            with autocast():
-                loss = train_step(images)
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
-            learner.update_moving_average()
-            loss_sum += loss.detach()
+            out = train_step(learner, opt, images, schedule=schedule, model=model, precision=precision, scaler=scaler)
+            lr = out.lr
+            loss_sum += out.loss
             loss_n += 1
             step += 1
             log_now = step % args.log_every == 0 or time.perf_counter() - last_log > 30 or step == total_steps
@@ -376,7 +347,7 @@ def main(argv: list[str] | None = None) -> dict:
                 mean_step = (train_s - first_step_s) / (step - 1)
                 est = step + int((budget_s - train_s) / mean_step)
                 total_steps = max(min(est, step_cap or est), step + 1)
-                learner.total_steps = total_steps
+                schedule.total_steps, schedule.warmup_steps = total_steps, warmup_steps(total_steps)
             if log_now:
                 mean_loss = (loss_sum / loss_n).item()
                 if not math.isfinite(mean_loss):

@@ -124,7 +124,7 @@ def build_pretrained(path: str | os.PathLike[str], arch: str, kwargs: dict, cifa
         SystemExit: the model cannot be built, or the file does not match it (missing/unexpected keys, shapes).
     """
     from byol_wrapper.extractor import HiddenLayerExtractor
-    from byol_wrapper.train import build_backbone
+    from byol_wrapper.backbones import build_backbone
 
     state = _plain_state(path)
     try:

@@ -83,7 +83,7 @@ def test_nonfinite_state_never_overwrites_the_good_checkpoints(
     assert _run(_args(data, out, "--max-steps", "2"))[0] == 0
     good = {p: p.read_bytes() for p in (out / "last.pt", out / "last.prev.pt")}
 
-    real_step = train_mod._Trainer._train_step
+    real_step = train_mod.Trainer._train_step
 
     def poisoned_step(self, images):  # the state blows up at step 3 while the loss stays finite
         loss = real_step(self, images)
@@ -98,7 +98,7 @@ def test_nonfinite_state_never_overwrites_the_good_checkpoints(
                     buf.fill_(float("nan"))
         return loss
 
-    monkeypatch.setattr(train_mod._Trainer, "_train_step", poisoned_step)
+    monkeypatch.setattr(train_mod.Trainer, "_train_step", poisoned_step)
     capsys.readouterr()
     rc, _ = _run(_args(data, out, "--max-steps", "6"))
     err = capsys.readouterr().err

@@ -23,7 +23,8 @@ from PIL import Image
 import byol_wrapper
 from byol_wrapper.checkpoint import load_checkpoint
 from byol_wrapper.optim import warmup_cosine_lr
-from byol_wrapper.train import _resolve_precision, apply_cifar_stem, build_backbone, main
+from byol_wrapper.cli.runtime import resolve_precision
+from byol_wrapper.train import apply_cifar_stem, build_backbone, main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -391,8 +392,8 @@ def test_cifar_stem_and_precision_fallback() -> None:
     with pytest.raises(ValueError, match="cifar-stem"):
         apply_cifar_stem(torch.nn.Linear(2, 2))
     with pytest.warns(RuntimeWarning, match="fp16"):
-        assert _resolve_precision("fp16", torch.device("cpu")) == "32"
-    assert _resolve_precision("bf16", torch.device("cpu")) == "bf16"
+        assert resolve_precision("fp16", torch.device("cpu")) == "32"
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
 
 
 def test_plot_is_skipped_with_a_warning_without_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -407,7 +408,8 @@ def test_plot_is_skipped_with_a_warning_without_matplotlib(tmp_path: Path, monke
 
 
 def test_channels_last_and_compile_flags(folders: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from byol_wrapper.train import _Trainer, build_parser
+    from byol_wrapper.cli.trainer import Trainer
+    from byol_wrapper.train import build_parser
 
     compiled: list[torch.nn.Module] = []
     calls: list[int] = []
@@ -424,7 +426,7 @@ def test_channels_last_and_compile_flags(folders: dict[str, Path], tmp_path: Pat
     monkeypatch.setattr(torch, "compile", fake_compile)
     out = tmp_path / "run"
     args = build_parser().parse_args(_args(folders["data"], out, "--channels-last", "--compile", "--max-steps", "2", model=RESNET))
-    trainer = _Trainer(args)
+    trainer = Trainer(args)
     assert compiled == [trainer.learner]  # the whole learner forward is compiled, once
     conv = trainer.learner.net.conv1.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()

@@ -17,7 +17,9 @@ import torch
 import torch.distributed as dist
 
 from byol_wrapper.checkpoint import load_checkpoint
-from byol_wrapper.train import UsageError, _Ranks, _Trainer, build_parser, main
+from byol_wrapper.cli.runtime import Ranks
+from byol_wrapper.cli.trainer import Trainer
+from byol_wrapper.train import UsageError, build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [
@@ -122,7 +124,7 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step(data: Path, tmp_path: 
 def test_global_batch_must_split_evenly_over_the_ranks(data: Path, tmp_path: Path) -> None:
     args = build_parser().parse_args(_argv(data, tmp_path / "run", "--batch-size", "6", "--max-steps", "1"))
     with pytest.raises(UsageError, match="multiple of 4 with at least 2 images per process; got 6"):
-        _Trainer(args, _Ranks(world=4, rank=0), torch.device("cpu"))  # fails before any collective
+        Trainer(args, Ranks(world=4, rank=0), torch.device("cpu"))  # fails before any collective
     args = build_parser().parse_args(_argv(data, tmp_path / "run", "--batch-size", "2", "--max-steps", "1"))
     with pytest.raises(UsageError, match="at least 2 images per process"):
-        _Trainer(args, _Ranks(world=2, rank=0), torch.device("cpu"))
+        Trainer(args, Ranks(world=2, rank=0), torch.device("cpu"))
