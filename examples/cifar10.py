@@ -327,9 +327,9 @@ def main(argv: list[str] | None = None) -> dict:
         for i in range(steps_per_epoch):
             t0 = time.perf_counter()
             images = train_x[perm[i * batch_size:(i + 1) * batch_size]].to(device, non_blocking=True)
-            out = train_step(learner, opt, images, schedule=schedule, model=model, precision=precision, scaler=scaler)
-            lr = out.lr
-            loss_sum += out.loss
+            result = train_step(learner, opt, images, schedule=schedule, model=model, precision=precision, scaler=scaler)
+            lr = result.lr
+            loss_sum += result.loss
             loss_n += 1
             step += 1
             log_now = step % args.log_every == 0 or time.perf_counter() - last_log > 30 or step == total_steps

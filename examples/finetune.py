@@ -63,13 +63,13 @@ from byol_wrapper import IMAGENET_MEAN, IMAGENET_STD
 from byol_wrapper.augmentations import to_float_image
 from byol_wrapper.channels import adapt_first_conv, default_normalization
 from byol_wrapper.data import LabelledImageFolder, collate_pairs
+from byol_wrapper.engine import resolve_device
 from byol_wrapper.evaluate import linear_probe
 from byol_wrapper.optim import warmup_cosine_lr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cifar10 import (  # the cached uint8 loader of the pretraining example
     load_image_folder,
-    pick_device,
     subset,
 )
 
@@ -240,7 +240,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     config = saved_config(args.backbone)
     arch = args.arch or config.get("backbone")
     # --channels of pretraining: the flag, else the saved config's (None: 8-bit RGB decoding, as before)

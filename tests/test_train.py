@@ -97,7 +97,9 @@ def test_end_to_end_outputs_then_resume_with_more_steps(folders: dict[str, Path]
 
     evals = _records(out, "eval")
     assert [e["step"] for e in evals] == [0, 2]  # random init before training, then the end of training
-    assert all(0.0 <= e["knn_accuracy"] <= 1.0 for e in evals)
+    for e in evals:  # correct answers out of the 4 test images (2 classes x 2, the fixture), not any number in [0, 1]
+        hits = e["knn_accuracy"] * 4
+        assert e["num_classes"] == 2 and abs(hits - round(hits)) < 1e-6 and 0 <= round(hits) <= 4
     assert [r["step"] for r in _records(out)] == [1, 2]
     assert {"step", "epoch", "loss", "tau", "lr", "images_per_sec", "time"} <= _records(out)[0].keys()
 
@@ -158,7 +160,7 @@ def test_truncated_last_checkpoint_falls_back_to_previous(folders: dict[str, Pat
     assert (out / "metrics.jsonl").read_text() == log
 
 
-def test_corrupt_image_is_skipped_and_counted_across_workers(tmp_path: Path) -> None:
+def test_corrupt_image_is_skipped_and_counted_across_workers(tmp_path: Path, capsys) -> None:
     data = _write_images(tmp_path / "data", per_class=4)  # 8 good images
     (data / "class0" / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")  # 9 files: 2 batches of 4
     out = tmp_path / "run"
@@ -167,8 +169,27 @@ def test_corrupt_image_is_skipped_and_counted_across_workers(tmp_path: Path) -> 
     assert rc == 0
     skipped = _records(out)[-1]["skipped_images"]
     assert 1 <= skipped <= 2  # the broken file is in a trained batch in at least one of the two epochs
-    assert any("unreadable image(s) in epoch" in m for m in messages)  # the main process' per-epoch summary
+    err = capsys.readouterr().err
+    assert "unreadable image(s) in epoch" in err  # the main process' per-epoch summary, a line on stderr
+    assert f"; {skipped} unreadable image(s) skipped" in err  # and the total at the end
     assert load_checkpoint(out / "last.pt")["skipped_images"] == skipped
+
+
+def test_unreadable_images_are_clean_lines_not_raw_warnings(tmp_path: Path) -> None:
+    """The console of a run with a broken image: one clean line per file and per epoch, the total at the end; no
+    Python warning format (``file:line: RuntimeWarning:`` and the echoed source line) breaking the progress bar."""
+    data = _write_images(tmp_path / "data", per_class=4)
+    (data / "class0" / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")  # 9 files: 1 skip per epoch
+    argv = _args(data, tmp_path / "run", "--max-steps", "6", "--batch-size", "9")  # 1 step per epoch, 6 epochs
+    proc = subprocess.run([sys.executable, "-m", "byol_wrapper.train", *argv], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    err = proc.stderr.splitlines()
+    assert not any("Warning:" in line or "warnings.warn(" in line for line in err), proc.stderr
+    assert sum("skipping unreadable image" in line and "zz_broken.png" in line for line in err) == 1  # once, not per epoch
+    per_epoch = [line for line in err if "unreadable image(s) in epoch" in line]
+    assert per_epoch == [f"warning: skipped 1 unreadable image(s) in epoch {e} ({e + 1} in total)" for e in range(6)]
+    assert "; 6 unreadable image(s) skipped" in err[-1] or any("; 6 unreadable image(s) skipped" in line for line in err)
 
 
 def test_sigkill_mid_training_then_resume(folders: dict[str, Path], tmp_path: Path) -> None:
@@ -375,6 +396,15 @@ def test_bad_input_exits_2_with_a_message(folders: dict[str, Path], tmp_path: Pa
     err = capsys.readouterr().err
     assert err.startswith("byol-train: error:") and message in err
     assert not (tmp_path / "out" / "last.pt").exists()
+
+
+def test_augment_kwargs_typo_names_the_keyword_and_leaves_no_out(folders: dict[str, Path], tmp_path: Path, capsys) -> None:
+    out = tmp_path / "never" / "created"
+    assert main([*_args(folders["data"], out, "--max-steps", "1"), "--augment-kwargs", '{"grayscale": 0.5}']) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown keyword 'grayscale'; did you mean 'grayscale_p'?" in err
+    assert "crop_scale" in err  # the valid keywords are listed
+    assert not (tmp_path / "never").exists()  # checked before --out is created
 
 
 def test_cli_parsing_help_and_missing_data(capsys) -> None:

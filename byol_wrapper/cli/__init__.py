@@ -36,7 +36,7 @@ import torch.distributed as dist
 from .._extras import train_extras_notice
 from .._workers import install_exit_guard, shutdown_loader
 from ..lock import RunLock
-from .args import PROG, UsageError, apply_demo, build_parser, default_threads
+from .args import PROG, UsageError, apply_demo, build_parser, check_augment_kwargs, default_threads
 from .metrics import plot_metrics
 from .runtime import EXIT_DIVERGED, OutputError, Ranks, lock_out, start_ranks
 from .trainer import Trainer
@@ -72,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     trainer: Trainer | None = None
     try:
         try:
+            check_augment_kwargs(args.augment_kwargs)  # before --out is created (a typo leaves no empty folder)
             ranks, device = start_ranks(args.device)
             if args.data is not None or args.demo:
                 lock = lock_out(args.out, ranks)  # before anything is written to --out (the demo data too)

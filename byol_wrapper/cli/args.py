@@ -320,3 +320,25 @@ def apply_demo(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: 
         if args.eval_data is None:
             args.eval_data = str(root)
     return args
+
+
+def check_augment_kwargs(kwargs: dict[str, Any]) -> None:
+    """Refuses an ``--augment-kwargs`` keyword that the views do not take, naming the close ones.
+
+    Called before anything is written to ``--out``, so a typo leaves no folder behind.
+
+    Raises:
+        UsageError: An unknown keyword (with the closest valid ones and the full list).
+    """
+    import difflib
+    import inspect
+
+    from ..augmentations import BYOLView
+
+    # image_size, mean and std come from the learner (--image-size, --channels), not from --augment-kwargs
+    valid = [n for n in inspect.signature(BYOLView.__init__).parameters if n not in ("self", "image_size", "mean", "std")]
+    for key in kwargs:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=3, cutoff=0.75)
+            hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+            raise UsageError(f"--augment-kwargs: unknown keyword {key!r}; {hint}The view keywords are: {', '.join(valid)}")

@@ -10,9 +10,10 @@ import errno
 import os
 import random
 import signal
+import sys
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -168,9 +169,38 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader workers leave SIGINT/SIGTERM to the main process, which stops at a step boundary."""
+    """DataLoader workers leave SIGINT/SIGTERM to the main process, which stops at a step boundary, and print their
+    warnings (an unreadable image) as one line each, once per message."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
+    warnings.showwarning = _one_line(None)
+    warnings.simplefilter("default")
+
+
+def _one_line(say: Callable[[str], None] | None) -> Callable[..., None]:
+    def show(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: str | None = None) -> None:
+        text = f"warning: {message}"
+        if say is not None:
+            say(text)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    return show
+
+
+@contextlib.contextmanager
+def one_line_warnings(say: Callable[[str], None] | None) -> Iterator[None]:
+    """Shows warnings as ``warning: MESSAGE`` lines through ``say`` (the progress bar's write), without Python's
+    ``file:line: Category:`` prefix and source echo; ``None``: on stderr. Restored on exit."""
+    # Where warnings are being recorded (warnings.catch_warnings(record=True), as pytest does), leave them be.
+    recording = getattr(getattr(warnings, "_showwarnmsg_impl", None), "__name__", "_showwarnmsg_impl") != "_showwarnmsg_impl"
+    previous = warnings.showwarning
+    if not recording:
+        warnings.showwarning = _one_line(say)
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ from .args import PROG, UsageError
 from .metrics import plot_metrics, progress_bar, read_metrics, truncate_metrics
 from .plan import default_load_size, make_plan
 from .runtime import EXIT_DIVERGED, Diverged, OutputError, Ranks, autocast, grad_scaler, graceful_stop, ignore_stop_signals
-from .runtime import out_problem, resolve_precision, seed_everything, select_device
+from .runtime import one_line_warnings, out_problem, resolve_precision, seed_everything, select_device
 
 __all__ = ["MODEL_KEYS", "Trainer"]
 
@@ -638,7 +638,7 @@ class Trainer:
             self.bar.close()
             return 2
         try:
-            with graceful_stop() as stop:
+            with graceful_stop() as stop, one_line_warnings(self._say if self.ranks.main else None):
                 return self._loop(stop)
         except Diverged as exc:
             self._say(f"{PROG}: error: {exc}")
@@ -692,13 +692,9 @@ class Trainer:
                         self._flush()
                 end_of_epoch = self.batch_in_epoch >= self.steps_per_epoch
                 done = self.step >= self.total_steps
-                if end_of_epoch and skipped_epoch:
-                    warnings.warn(
-                        f"skipped {skipped_epoch} unreadable image(s) in epoch {self.epoch} "
-                        f"({self.skipped_total} in total); see the warnings above for the files",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
+                if end_of_epoch and skipped_epoch:  # one line per epoch, through the bar (never a traceback-like echo)
+                    self._say(f"warning: skipped {skipped_epoch} unreadable image(s) in epoch {self.epoch} "
+                              f"({self.skipped_total} in total)")
                 if end_of_epoch or done:
                     self._flush()
                     if done or (args.eval_every and (self.epoch + 1) % args.eval_every == 0):
