@@ -50,7 +50,7 @@ __all__ = [
 #: Class names of the demo data set, in label order (ImageFolder sorts class folders alphabetically: this is that order).
 DEMO_CLASSES: tuple[str, ...] = ("circle", "cross", "ring", "square", "star", "triangle")
 
-#: Settings of ``byol-train --demo`` and of :func:`run_demo_experiment` (2 CPU cores: about 80 s in all).
+#: Settings of ``byol-train --demo`` and of :func:`run_demo_experiment` (run times: ``benchmarks/RESULTS.md``, "Offline demo").
 #:
 #: The demo trains :class:`SmallCNN` (three conv-BN-ReLU blocks, 0.1 M parameters) on 16 px images, so that the
 #: 2000 optimizer steps BYOL needs to get well past its first phase (in which kNN accuracy can dip below the random
@@ -383,6 +383,8 @@ def run_demo_experiment(
 
     with contextlib.ExitStack() as stack:
         folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="byol_demo_")) if root is None else root
+        say(f"data: generating {len(DEMO_CLASSES)} classes x {cfg['n_train_per_class']} + {cfg['n_test_per_class']} "
+            f"images of {cfg['image_size']} px ...")
         data_root = generate_demo_dataset(
             folder,
             n_train_per_class=cfg["n_train_per_class"],
@@ -422,6 +424,7 @@ def run_demo_experiment(
         finally:
             learner.train()
 
+    say("kNN accuracy of the random initialisation ...")
     t = time.perf_counter()
     knn_before = knn()
     seconds_knn = time.perf_counter() - t

@@ -165,3 +165,44 @@ def test_reduced_run(tmp_path):
         run_demo_experiment({"epochs": 1}, root=tmp_path)
     with pytest.raises(ValueError, match="optimizer"):
         run_demo_experiment({"optimizer": "lamb"}, root=tmp_path)
+
+
+def test_demo_says_what_it_does_before_the_slow_parts(tmp_path, monkeypatch, capsys):
+    """byol-train --demo prints a line before generating the data and before the first kNN (seconds each), so the
+    first output comes at once instead of after a silent wait."""
+    import byol_wrapper.cli.trainer as cli_trainer
+    import byol_wrapper.demo as demo
+    import byol_wrapper.evaluate as evaluate
+    from byol_wrapper.train import main
+
+    seen: dict[str, str] = {}
+    real_generate, real_extract = demo.generate_demo_dataset, evaluate.extract_features
+
+    def generate(*args, **kwargs):
+        seen.setdefault("generate", capsys.readouterr().err)
+        return real_generate(*args, n_train_per_class=3, n_test_per_class=2, image_size=16, seed=0)
+
+    def extract(*args, **kwargs):
+        seen.setdefault("knn", capsys.readouterr().err)
+        return real_extract(*args, **kwargs)
+
+    monkeypatch.setattr(demo, "generate_demo_dataset", generate)
+    monkeypatch.setattr(evaluate, "extract_features", extract)
+    assert cli_trainer  # the trainer imports extract_features from byol_wrapper.evaluate when it evaluates
+    out = tmp_path / "demo"
+    argv = ["--demo", "--out", str(out), "--device", "cpu", "--no-progress", "--max-steps", "1", "--batch-size", "4",
+            "--projection-size", "8", "--projection-hidden-size", "16", "--workers", "0"]
+    assert main(argv) == 0
+    assert seen["generate"].startswith("demo: preparing the synthetic data set in ")  # the first line, before the work
+    assert "kNN evaluation of the random initialisation on 18 + 12 images" in seen["knn"]
+    lines = []
+
+    result = demo.run_demo_experiment(
+        dict(image_size=16, n_train_per_class=2, n_test_per_class=1, batch_size=4, max_steps=1, warmup_steps=0,
+             projection_size=8, projection_hidden_size=16, knn_k=3),
+        root=tmp_path / "lib", log=lines.append,
+    )
+    assert result["steps"] == 1
+    assert lines[0].startswith("data: generating 6 classes x 2 + 1 images of 16 px")  # before the data exists
+    assert lines.index("kNN accuracy of the random initialisation ...") < next(
+        i for i, line in enumerate(lines) if line.startswith("kNN accuracy before pretraining"))

@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 lock = lock_out(args.out, ranks)  # before anything is written to --out (the demo data too)
             if args.demo:
                 if ranks.main:  # rank 0 generates the demo data; the others then find it complete and reuse it
-                    args = apply_demo(args, parser, argv)
+                    args = apply_demo(args, parser, argv, say=lambda msg: print(msg, file=sys.stderr, flush=True))
                 ranks.barrier()
                 if not ranks.main:
                     args = apply_demo(args, parser, argv)

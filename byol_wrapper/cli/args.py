@@ -296,7 +296,9 @@ def _demo_argv(config: dict[str, Any], parser: argparse.ArgumentParser) -> list[
     return argv
 
 
-def apply_demo(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+def apply_demo(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str], say: Callable[[str], None] | None = None
+) -> argparse.Namespace:
     """Re-parses with the demo settings before the user's flags (which win), and points the data at the demo set."""
     try:
         from .. import demo
@@ -310,6 +312,9 @@ def apply_demo(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: 
     if args.data is None or args.eval_data is None:
         # Reused when complete (same parameters), so a resumed demo run trains on the same images.
         sizes = {k: config[k] for k in ("n_train_per_class", "n_test_per_class", "image_size") if k in config}
+        if say is not None:  # the first output of a demo run: generation takes seconds, never start silently
+            say(f"demo: preparing the synthetic data set in {Path(args.out).expanduser() / 'demo_data'} "
+                "(reused if already complete)")
         root = Path(
             demo.generate_demo_dataset(
                 Path(args.out).expanduser() / "demo_data", seed=config.get("data_seed", 0), **sizes

@@ -536,6 +536,9 @@ class Trainer:
         from ..evaluate import collapse_stats, extract_features, knn_accuracy
 
         start = time.perf_counter()
+        if self.step == 0:  # the first evaluation decodes both splits and takes seconds: say so before
+            self._say(f"kNN evaluation of the random initialisation on {len(self.eval_sets[0])} + {len(self.eval_sets[1])} "
+                      "images (--eval-data) ...")
         encoder = _Embedder(self.learner)
         try:
             train, test = (self._eval_split(n, d) for n, d in zip(("train", "test"), self.eval_sets))
