@@ -70,3 +70,34 @@ def tiny_vit() -> nn.Module:
 
 
 SMALL_HEADS = dict(projection_size=16, projection_hidden_size=32)
+
+
+@pytest.fixture(scope="session")
+def ddp_folder_run(tmp_path_factory: pytest.TempPathFactory):
+    """ONE torchrun run shared by tests/test_train_distributed.py and tests/test_cache.py (a launch costs seconds).
+
+    2 gloo ranks on generated data (24 images, global batch 8: 3 steps per epoch), ``--eval-data``, checkpoints every
+    step: ``--max-steps 2``, then the same command with ``--max-steps 4`` (resumed mid-epoch). Returns a namespace
+    with ``data``, ``out``, ``argv`` (without ``--max-steps``), ``first`` and ``second`` (the CompletedProcesses),
+    ``losses`` (the train losses after the second launch) and ``evals`` (the eval steps then).
+    """
+    import json
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from byol_wrapper.demo import generate_demo_dataset
+    from tests.test_train_distributed import _argv, _torchrun
+
+    base = tmp_path_factory.mktemp("ddp_shared")
+    data = Path(generate_demo_dataset(base / "data", n_train_per_class=4, n_test_per_class=2, image_size=16))
+    out = base / "run"
+    argv = _argv(data, out, "--checkpoint-every", "1", "--eval-data", str(data), "--knn-k", "4")
+    first = _torchrun([*argv, "--max-steps", "2"])
+    second = _torchrun([*argv, "--max-steps", "4"]) if first.returncode == 0 else first
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] if out.is_dir() else []
+    return SimpleNamespace(
+        data=data, out=out, argv=argv, first=first, second=second,
+        losses=[r["loss"] for r in records if r["event"] == "train"],
+        steps=[r["step"] for r in records if r["event"] == "train"],
+        evals=[r["step"] for r in records if r["event"] == "eval"],
+    )

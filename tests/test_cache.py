@@ -208,21 +208,19 @@ def test_cli_decode_gpu_without_cuda_falls_back_with_one_info_line(tmp_path: Pat
 
 
 @pytest.mark.distributed
-def test_torchrun_two_ranks_with_cache_train_on_the_same_batches_as_the_folder_path(tmp_path: Path) -> None:
+def test_torchrun_two_ranks_with_cache_train_on_the_same_batches_as_the_folder_path(ddp_folder_run, tmp_path: Path) -> None:
     """DDP sharding + mid-run resume over the cache: the same losses as the folder path, step for step."""
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("needs torch.distributed with gloo")
-    from byol_wrapper.demo import generate_demo_dataset
     from tests.test_train_distributed import _argv, _torchrun
 
-    data = Path(generate_demo_dataset(tmp_path / "data", n_train_per_class=4, n_test_per_class=2, image_size=16))
-    folder_out, cache_out = tmp_path / "folder", tmp_path / "cached"
-    for steps in ("2", "4"):  # the folder path, stopped and resumed the same way
-        proc = _torchrun([*_argv(data, folder_out, "--checkpoint-every", "1"), "--max-steps", steps])
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    cache_argv = [*_argv(data, cache_out, "--checkpoint-every", "1"), "--cache", str(tmp_path / "cache")]
+    # The folder path: the shared 2-rank run (conftest), stopped at 2 and resumed to 4 with the same flags.
+    assert ddp_folder_run.second.returncode == 0, ddp_folder_run.second.stderr[-3000:]
+    data, cache_out = ddp_folder_run.data, tmp_path / "cached"
+    cache_argv = [*_argv(data, cache_out, "--checkpoint-every", "1", "--eval-data", str(data), "--knn-k", "4"),
+                  "--cache", str(tmp_path / "cache")]
     proc = _torchrun([*cache_argv, "--max-steps", "2"])  # stops mid-epoch (3 steps per epoch) ...
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("cache: decoding") == 1 and "cache: reusing" not in proc.stderr  # rank 0 builds, reports
@@ -235,7 +233,7 @@ def test_torchrun_two_ranks_with_cache_train_on_the_same_batches_as_the_folder_p
         return [r["loss"] for r in recs if r["event"] == "train"]
 
     assert len(losses(cache_out)) == 4
-    np.testing.assert_allclose(losses(cache_out), losses(folder_out), rtol=1e-5)
+    np.testing.assert_allclose(losses(cache_out), ddp_folder_run.losses, rtol=1e-5)
 
 
 def test_cli_cache_with_channels_is_refused_and_channels_decode_on_the_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

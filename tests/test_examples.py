@@ -108,20 +108,48 @@ def test_cifar10_loader_cache(tiny_run: tuple[Path, Path, Path, str], capsys: py
         assert torch.equal(loaded[key], fresh[key]), key
 
 
-def test_cifar10_time_budget_fits_the_schedule(tiny_run: tuple[Path, Path, Path, str], tmp_path: Path) -> None:
-    """With --time-budget-min, training stops at the budget and the lr/tau schedules are fitted to it."""
+class _Clock:
+    """A stand-in for ``time.perf_counter``: each reading advances by ``fast`` seconds until ``switch``, then by
+    ``slow`` (the step time changes mid-run, as on a machine that gets busy)."""
+
+    def __init__(self, fast: float, slow: float, switch: float) -> None:
+        self.now, self.fast, self.slow, self.switch = 0.0, fast, slow, switch
+
+    def perf_counter(self) -> float:
+        self.now += self.fast if self.now < self.switch else self.slow
+        return self.now
+
+
+@pytest.mark.parametrize(
+    ("clock", "reason"),
+    [
+        # steady steps: the schedule fitted in the first half of the budget ends with it
+        (_Clock(0.05, 0.05, 0.0), "schedule complete"),
+        # steps 10x slower after 1.5 s, once the fit is frozen: the budget stops the run before the schedule ends
+        (_Clock(0.05, 0.5, 1.5), "time budget reached (0.05 min)"),
+    ],
+    ids=["steady", "slower-later"],
+)
+def test_cifar10_time_budget_fits_the_schedule(tiny_run: tuple[Path, Path, Path, str], tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch, clock: _Clock, reason: str) -> None:
+    """With --time-budget-min, the lr/tau schedules are fitted to the budget and the budget stops the run."""
     data, _, cache, _ = tiny_run
     cifar10 = import_example("cifar10")
+    monkeypatch.setattr(cifar10, "time", clock)  # step times under the test's control, not the machine's load
     threads = torch.get_num_threads()
     try:  # in-process (saves an interpreter start); main() sets the thread count
         results = cifar10.main(["--data", str(data), "--out", str(tmp_path), "--cache", str(cache), "--epochs", "1000",
                                 "--time-budget-min", "0.05", "--batch-size", "8", "--probe-epochs", "0", *CPU])
     finally:
         torch.set_num_threads(threads)
-    # 1000 epochs of 2 steps cannot run in 3 s on a CPU: the budget, not the schedule, ends this run
-    assert results["stop_reason"] == "time budget reached (0.05 min)"
-    assert 2 <= results["steps"] < results["scheduled_steps"] <= 2000  # stopped before the schedule ends; --epochs caps it
-    assert results["train_seconds"] < 3 * 0.05 * 60 + 10  # stopped near the budget (one step may overrun)
+    assert results["stop_reason"] == reason
+    assert results["scheduled_steps"] < 100  # fitted to the 3 s budget, far below the 2000 steps of --epochs 1000
+    if reason == "schedule complete":
+        assert results["steps"] == results["scheduled_steps"] and results["final_tau"] == 1.0
+        assert results["train_seconds"] <= 3.0 + 0.1  # the fitted schedule ends at the budget
+    else:
+        assert 2 <= results["steps"] < results["scheduled_steps"] and results["final_tau"] < 1.0
+        assert 3.0 <= results["train_seconds"] <= 3.0 + 1.0  # stopped by the budget (one slow step may overrun)
     assert results["probe_top1_after"] is None and (tmp_path / "backbone.pt").is_file()
 
 

@@ -87,15 +87,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``byol-train`` argument parser."""
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description="BYOL self-supervised pretraining of a torchvision (or timm) backbone on a folder of images. "
-        "Re-running the same command with the same --out resumes from OUT/last.pt.",
-        formatter_class=_HelpFormatter,
-    )
-    g = p.add_argument_group("data")
+def _add_data_flags(parser: argparse.ArgumentParser) -> None:
+    """The ``data`` flags."""
+    g = parser.add_argument_group("data")
     g.add_argument(
         "--data",
         metavar="DIR",
@@ -147,7 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
         "the cache is built with the CPU decoders",
     )
 
-    g = p.add_argument_group("model")
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """The ``model`` flags."""
+    g = parser.add_argument_group("model")
     g.add_argument(
         "--backbone",
         default="resnet18",
@@ -186,7 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. '{\"crop_scale\": [0.3, 1.0], \"grayscale_p\": 0.4}'",
     )
 
-    g = p.add_argument_group("optimisation")
+
+def _add_optimisation_flags(parser: argparse.ArgumentParser) -> None:
+    """The ``optimisation`` flags."""
+    g = parser.add_argument_group("optimisation")
     g.add_argument(
         "--batch-size",
         type=_positive_int,
@@ -241,7 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
         "at the start of each run and resume)",
     )
 
-    g = p.add_argument_group("run")
+
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """The ``run`` flags."""
+    g = parser.add_argument_group("run")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     g.add_argument(
         "--threads",
@@ -275,6 +278,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``byol-train`` argument parser."""
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="BYOL self-supervised pretraining of a torchvision (or timm) backbone on a folder of images. "
+        "Re-running the same command with the same --out resumes from OUT/last.pt.",
+        formatter_class=_HelpFormatter,
+    )
+    _add_data_flags(p)
+    _add_model_flags(p)
+    _add_optimisation_flags(p)
+    _add_run_flags(p)
     return p
 
 
