@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .extractor import pool_features
+from ..extractor import pool_features
 
 __all__ = [
     "extract_features",
