@@ -33,7 +33,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
-from .evaluate import _check_int
+from .utils.checks import check_int as _check_int
 from .optim import OPTIMIZERS
 
 __all__ = [

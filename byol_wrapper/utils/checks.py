@@ -14,8 +14,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 __all__ = [
     "check_choice",
+    "check_device",
     "check_dir",
     "check_float",
     "check_int",
@@ -171,3 +174,17 @@ def check_dir(name: str, value: Any, *, must_exist: bool = True, what: str = "a 
         if not path.is_dir():
             raise ValueError(f"{name} {str(path)!r} is not a folder; pass the folder that contains the images")
     return path
+
+
+def check_device(name: str, value: Any) -> torch.device | None:
+    """A device as ``torch.device`` accepts it (``"cpu"``, ``"cuda:0"``, a ``torch.device``); ``None`` passes through.
+
+    Raises:
+        TypeError: ``torch.device`` cannot read ``value``.
+    """
+    if value is None:
+        return None
+    try:
+        return torch.device(value)
+    except (TypeError, RuntimeError) as exc:
+        raise TypeError(f"{name} must be a torch.device, a string such as 'cpu' or 'cuda:0', or None; got {value!r}") from exc
