@@ -14,12 +14,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.func import functional_call
 
 from .augmentations import IMAGENET_MEAN, IMAGENET_STD, byol_views, to_float_image
 from .channels import default_normalization
 from .compat import LearnerEMA, adapt_state_dict, is_compiling, warn_if_outside_unit_range
-from .extractor import HiddenLayerExtractor, LayerSpec, OutputKey, TokenPool, preserved_state, resolve_layer
+from .extractor import HiddenLayerExtractor, LayerSpec, OutputKey, TokenPool, probe_representation, resolve_layer
 from .heads import MLP, SimSiamMLP
 from .sem import sem_projector
 from .loss import symmetric_loss
@@ -402,21 +401,8 @@ class BYOL(nn.Module):
         return self.online_encoder.net
 
     def _probe_hidden_dim(self, dtype: torch.dtype) -> int:
-        """Finds the pooled hidden size without changing anything in the backbone."""
-        net = self.net
-        h, w = self.image_size
-        state = {name: torch.empty_like(t, device="meta") for name, t in [*net.named_parameters(), *net.named_buffers()]}
-        x = torch.zeros(2, self.channels, h, w, dtype=dtype, device="meta")
-        try:
-            with torch.no_grad():
-                return self._run_probe(lambda inp: functional_call(net, state, (inp,), tie_weights=True), x)
-        except Exception:  # noqa: BLE001 - meta unsupported by some op; fall back to a guarded real pass
-            pass
-        with preserved_state(net), torch.no_grad():
-            return self._run_probe(net, torch.zeros(2, self.channels, h, w, dtype=dtype, device=_module_device(net)))
-
-    def _run_probe(self, run: Callable[[torch.Tensor], Any], x: torch.Tensor) -> int:
-        return int(self.online_encoder.get_representation(x, run).shape[-1])
+        """Finds the pooled hidden size without changing anything in the backbone (see ``probe_representation``)."""
+        return probe_representation(self.online_encoder, (self.channels, *self.image_size), dtype=dtype).dim
 
     def _get_target_encoder(self) -> NetWrapper:
         """The target encoder (byol-pytorch's accessor; here the target exists from construction).
@@ -514,9 +500,19 @@ class BYOL(nn.Module):
 
         See :func:`byol_wrapper.distributed.unused_parameters`.
         """
-        from .distributed import unused_parameters
-
-        return unused_parameters(self)
+        if not any(p.requires_grad for p in self.net.parameters()):
+            return []
+        try:
+            probe = probe_representation(self.online_encoder, (self.channels, *self.image_size), gradients=True)
+        except Exception as err:  # noqa: BLE001 - neither the meta trace nor the guarded real pass ran
+            warnings.warn(
+                f"could not check which backbone parameters the BYOL loss reaches ({type(err).__name__}: {err}); "
+                "if DistributedDataParallel reports unused parameters, drop the layers after hidden_layer "
+                "(e.g. net.fc = nn.Identity() with hidden_layer=-1)",
+                stacklevel=2,
+            )
+            return []
+        return [f"online_encoder.net.{name}" for name in probe.unreachable]
 
     @property
     def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
