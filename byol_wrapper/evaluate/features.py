@@ -7,7 +7,8 @@ device they compute on).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Optional, Sequence, Tuple, Union
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Tuple, Union
 
 import torch
 from torch import nn
@@ -34,7 +35,7 @@ tuple of tensors."""
 
 
 def _evaluation_device(
-    device: DeviceLike, encoder: Any = None, features: Optional[torch.Tensor] = None
+    device: DeviceLike, encoder: Any = None, features: torch.Tensor | None = None
 ) -> torch.device:
     """The device an evaluation computes on.
 
@@ -110,7 +111,7 @@ def _as_labels(labels: Any, n: int, name: str) -> torch.Tensor:
 
 def _validate_features_labels(
     features: Any, labels: Any, name: str
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Validates a precomputed ``(features, labels)`` pair.
 
     Args:
@@ -206,7 +207,7 @@ def _image_to_tensor(image: Any) -> torch.Tensor:
         ) from exc
 
 
-def _collate_pairs(batch: Sequence[Any]) -> Tuple[torch.Tensor, torch.Tensor]:
+def _collate_pairs(batch: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """Collates ``(image, label)`` samples into ``(images, labels)`` tensors.
 
     Args:
@@ -232,7 +233,7 @@ def _collate_pairs(batch: Sequence[Any]) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def _iter_batches(
     data: Any, batch_size: int, num_workers: int, pin_memory: bool
-) -> Iterator[Tuple[torch.Tensor, Any]]:
+) -> Iterator[tuple[torch.Tensor, Any]]:
     """Yields ``(images, labels)`` batches from any supported data source.
 
     Args:
@@ -323,7 +324,7 @@ def extract_features(
     batch_size: int = 256,
     device: DeviceLike = None,
     num_workers: int = 0,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Runs a frozen encoder over a data set and returns its features.
 
     The encoder is called on float image batches under ``torch.no_grad()``.
@@ -412,7 +413,7 @@ def _features_for(
     batch_size: int,
     device: DeviceLike,
     num_workers: int,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(features, labels)`` for ``data``, extracting if needed.
 
     Args:

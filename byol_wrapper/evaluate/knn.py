@@ -6,7 +6,8 @@ The usual cheap "online" monitor of self-supervised training in SSL libraries (l
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,7 @@ def knn_predict(
     test_features: torch.Tensor,
     k: int = 200,
     temperature: float = 0.1,
-    num_classes: Optional[int] = None,
+    num_classes: int | None = None,
     chunk_size: int = 1024,
 ) -> torch.Tensor:
     """Predicts labels with the weighted cosine kNN classifier of InstDisc.
@@ -115,7 +116,7 @@ def knn_predict(
 
 
 def knn_accuracy(
-    encoder: Optional[Callable[[torch.Tensor], Any]],
+    encoder: Callable[[torch.Tensor], Any] | None,
     train: Any,
     test: Any,
     k: int = 200,
@@ -123,7 +124,7 @@ def knn_accuracy(
     *,
     batch_size: int = 256,
     device: DeviceLike = None,
-    num_classes: Optional[int] = None,
+    num_classes: int | None = None,
     num_workers: int = 0,
 ) -> float:
     """Top-1 accuracy of the weighted cosine kNN classifier (see :func:`knn_predict`).

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Tuple
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,7 @@ def _evaluate_linear(
     y: torch.Tensor,
     batch_size: int,
     topk: int,
-) -> Tuple[float, float]:
+) -> tuple[float, float]:
     """Top-1 and top-``topk`` accuracy of a linear classifier.
 
     Args:
@@ -50,7 +51,7 @@ def _evaluate_linear(
 
 
 def linear_probe(
-    encoder: Optional[Callable[[torch.Tensor], Any]],
+    encoder: Callable[[torch.Tensor], Any] | None,
     train: Any,
     test: Any,
     *,
@@ -60,7 +61,7 @@ def linear_probe(
     batch_size: int = 256,
     device: DeviceLike = None,
     seed: int = 0,
-    num_classes: Optional[int] = None,
+    num_classes: int | None = None,
     normalize: bool = True,
     num_workers: int = 0,
 ) -> dict[str, float]:
