@@ -50,6 +50,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ._version import __version__
+from ._extras import missing_train_extras, train_extras_notice
+from ._workers import install_exit_guard, shutdown_loader
 from .byol import BYOL
 from .checkpoint import atomic_save, load_latest_checkpoint, remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state
 from .checkpoint import CheckpointUnreadableError, ForeignCheckpointError, nonfinite_entries, set_aside
@@ -57,7 +59,7 @@ from .data import EpochSampler, ImageFolderDataset, LabelledImageFolder, collate
 from .lock import RunLock, RunLockedError
 from .optim import OPTIMIZERS, build_optimizer, warmup_cosine_lr
 
-__all__ = ["MODEL_KEYS", "apply_cifar_stem", "build_backbone", "build_parser", "main", "plot_metrics"]
+__all__ = ["MODEL_KEYS", "apply_cifar_stem", "build_backbone", "build_parser", "default_threads", "main", "plot_metrics"]
 
 PROG = "byol-train"
 
@@ -174,6 +176,24 @@ def _bounded(kind: type, minimum: float, inclusive: bool, what: str) -> Callable
 _positive_int = _bounded(int, 0, False, "a positive integer")
 _non_negative_int = _bounded(int, 0, True, "an integer >= 0")
 _non_negative_float = _bounded(float, 0.0, True, "a finite number >= 0")
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """The default of ``--threads``: half the usable CPU cores, at least 1.
+
+    Torch's own default (one intra-op thread per core) oversubscribes a machine on which anything else runs, the
+    DataLoader workers included, and OpenMP threads that wait for a busy core make each step of a small model
+    several times slower (``benchmarks/RESULTS.md``); half the cores keeps most of the speed of all of them on an
+    idle machine.
+    """
+    return max(1, _usable_cpus() // 2)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -324,6 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("run")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    g.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help=f"intra-op CPU threads of the training process (default: {default_threads()}, half of this machine's "
+        f"{_usable_cpus()} usable CPU cores: the rest is left to the --workers and to other programs, because more "
+        "threads than free cores make small models several times slower)",
+    )
     g.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data order and augmentations")
     g.add_argument(
         "--eval-every",
@@ -707,46 +735,13 @@ def plot_metrics(metrics_path: str | os.PathLike[str], png_path: str | os.PathLi
         ``True`` if the plot was written, ``False`` (with a warning) if matplotlib is not installed.
     """
     try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=True)
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError:
         warnings.warn("matplotlib is not installed: skipping metrics.png (pip install matplotlib)", RuntimeWarning, stacklevel=2)
         return False
-    records = _read_metrics(Path(metrics_path))
-    train = [r for r in records if r.get("event") == "train" and r.get("loss") is not None]
-    evals = [r for r in records if r.get("event") == "eval" and r.get("knn_accuracy") is not None]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    ax = axes[0]
-    if train:
-        steps = [r["step"] for r in train]
-        losses = [r["loss"] for r in train]
-        ax.plot(steps, losses, lw=0.6, alpha=0.4, color="C0", label="loss")
-        window = max(1, len(losses) // 50)
-        if window > 1:
-            smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1]) for i in range(len(losses))]
-            ax.plot(steps, smooth, lw=1.5, color="C0", label=f"loss (mean of {window})")
-        ax.legend()
-    ax.set_xlabel("step")
-    ax.set_ylabel("BYOL loss")
-    ax.set_title("training loss")
-    ax.grid(alpha=0.3)
-    ax = axes[1]
-    if evals:
-        ax.plot([r["step"] for r in evals], [100 * r["knn_accuracy"] for r in evals], "o-", color="C1")
-    else:
-        ax.text(0.5, 0.5, "no evaluation data (--eval-data)", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("step")
-    ax.set_ylabel("kNN top-1 accuracy (%)")
-    ax.set_title("kNN monitor (online backbone)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    png_path = Path(png_path)
-    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    from .plot import render_metrics_png  # loss, lr/tau, kNN against chance and random init, collapse statistics
+
+    render_metrics_png(_read_metrics(Path(metrics_path)), png_path)
     return True
 
 
@@ -1204,7 +1199,7 @@ class _Trainer:
 
     def _plot(self) -> None:
         self.last_plot = time.perf_counter()
-        if self.ranks.main:
+        if self.ranks.main and "matplotlib" not in missing_train_extras():  # else said once at the start
             try:
                 plot_metrics(self.metrics_path, self.out / "metrics.png")
             except OSError as exc:
@@ -1270,7 +1265,8 @@ class _Trainer:
             temperature=self.args.knn_temperature,
             num_classes=len(self.eval_sets[0].classes),
         )
-        record: dict[str, Any] = {"event": "eval", "step": self.step, "epoch": self.epoch, "knn_accuracy": acc}
+        record: dict[str, Any] = {"event": "eval", "step": self.step, "epoch": self.epoch, "knn_accuracy": acc,
+                                  "num_classes": len(self.eval_sets[0].classes)}
         if test_f[0].shape[0] >= 2:
             stats = collapse_stats(test_f[0])
             record.update(std_ratio=stats["std_ratio"], effective_rank=stats["effective_rank"])
@@ -1280,6 +1276,10 @@ class _Trainer:
         self._log(record)
         self._flush_file()
         self._say(f"step {self.step}: kNN accuracy {100 * acc:.2f}% (k={self.args.knn_k})")
+        from .plot import health_warnings
+
+        for message in health_warnings([record]):
+            self._say(f"warning: {message}")
         if time.perf_counter() - self.last_plot > _PLOT_INTERVAL_S and self.step < self.total_steps:
             self._plot()  # refreshed during long runs; always written at the end
 
@@ -1437,7 +1437,10 @@ class _Trainer:
                 if stopping:
                     sig = stop.get("signal", signal.SIGTERM)  # SIGTERM where another rank got the signal
                     self._plot()
-                    self._say(f"stopped by signal {sig} at step {self.step}; checkpoint saved to {self.ckpt_path}")
+                    self._say(
+                        f"stopped by signal {sig} at step {self.step}; checkpoint saved to {self.ckpt_path}. "
+                        f"To resume, run the same command again (same --out {self.out})"
+                    )
                     return 128 + sig
             if self.step == step_at_start:
                 self._say(f"{PROG}: error: no batch with at least 2 readable images in epoch {self.epoch}; check --data")
@@ -1531,8 +1534,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version or a parse error (already printed)
         return int(exc.code or 0)
+    torch.set_num_threads(args.threads or default_threads())
+    install_exit_guard()  # no DataLoader worker can keep the interpreter from exiting
+    notice = train_extras_notice(progress=not args.no_progress)
+    if notice and os.environ.get("RANK", "0") == "0":
+        print(notice, file=sys.stderr, flush=True)  # once, at the start (not when the first plot is due)
     ranks: _Ranks | None = None
     lock: RunLock | None = None
+    trainer: _Trainer | None = None
     try:
         try:
             ranks, device = _start_ranks(args.device)
@@ -1574,6 +1583,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ranks.barrier()
         return status
     finally:
+        if trainer is not None:  # on every path: done, error, signal (a traceback may keep the trainer alive)
+            shutdown_loader(trainer.loader)
         if lock is not None:
             lock.release()
         if ranks is not None and ranks.world > 1 and dist.is_initialized():

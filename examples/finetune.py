@@ -13,6 +13,15 @@ Modes:
 * ``--mode linear``: the backbone is frozen (eval mode) and a linear classifier is trained on its cached,
   standardised features (``byol_wrapper.evaluate.linear_probe``: no augmentation, a few seconds per epoch).
 
+Any backbone ``byol-train`` can build is accepted: ``--arch`` takes the same forms as ``byol-train --backbone``
+(a torchvision name, ``timm:NAME``, ``MODULE:CALLABLE``) with ``--backbone-kwargs``, ``--cifar-stem`` and
+``--hidden-layer``; their defaults are read from the ``config.json`` that ``byol-train`` saves next to
+``backbone.pt``, so ``--backbone runs/demo/backbone.pt`` alone rebuilds the demo's SmallCNN. The classifier is then
+the backbone's ``--hidden-layer`` representation (pooled to a vector) followed by a new linear layer. Without
+``--arch`` and without a ``config.json`` (e.g. the output of ``examples/cifar10.py``), the file must be a
+ResNet-18 ``state_dict`` and the ResNet's ``fc`` is replaced, as before. The weights are checked against the model
+before any image is decoded.
+
 Images are decoded once into uint8 tensors and cached in ``--cache`` (the loader of ``examples/cifar10.py``), so
 this suits small data sets (CIFAR-sized). Runs on CPU.
 
@@ -67,17 +76,84 @@ from cifar10 import (  # the cached uint8 loader of the pretraining example
 _PREFIXES = ("module.", "_orig_mod.")  # DDP / torch.compile wrappers
 
 
+def _plain_state(path: str | os.PathLike[str]) -> dict:
+    if not Path(path).is_file():
+        raise SystemExit(f"--backbone {path}: no such file; pass the backbone.pt written by byol-train or cifar10.py")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file: one clear line
+        raise SystemExit(f"--backbone {path} cannot be loaded as a state_dict ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict):
+        raise SystemExit(f"{path} holds a {type(state).__name__}, not a state_dict; save net.state_dict()")
+    for prefix in _PREFIXES:
+        state = {k.removeprefix(prefix): v for k, v in state.items()}
+    return state
+
+
+def saved_config(path: str | os.PathLike[str]) -> dict:
+    """The ``config.json`` that ``byol-train`` wrote next to ``path`` (``{}`` when there is none)."""
+    config = Path(path).with_name("config.json")
+    if not config.is_file():
+        return {}
+    try:
+        return json.loads(config.read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"{config} next to the backbone cannot be read ({exc}); pass --arch explicitly") from None
+
+
+class Classifier(nn.Module):
+    """A backbone's hidden-layer representation (pooled to ``(B, D)``) and a new linear head."""
+
+    def __init__(self, net: nn.Module, hidden_layer: int | str, dim: int, num_classes: int) -> None:
+        super().__init__()
+        from byol_wrapper.extractor import HiddenLayerExtractor
+
+        self.net = net
+        self.features = HiddenLayerExtractor(net, hidden_layer)
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+def build_pretrained(path: str | os.PathLike[str], arch: str, kwargs: dict, cifar_stem: bool,
+                     hidden_layer: int | str, image_size: int, channels: int | None = None) -> tuple[nn.Module, int]:
+    """The backbone ``arch`` (``byol-train --backbone`` forms) with the weights of ``path``, and its feature size.
+
+    Raises:
+        SystemExit: the model cannot be built, or the file does not match it (missing/unexpected keys, shapes).
+    """
+    from byol_wrapper.extractor import HiddenLayerExtractor
+    from byol_wrapper.train import build_backbone
+
+    state = _plain_state(path)
+    try:
+        net = build_backbone(arch, cifar_stem=cifar_stem, channels=channels, pretrained=False, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"--arch {arch}: {exc}") from None
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        raise SystemExit(f"{path} does not fit --arch {arch} (--backbone-kwargs {json.dumps(kwargs)}, --cifar-stem "
+                         f"{cifar_stem}): {str(exc).splitlines()[0]} {str(exc).splitlines()[1:2]}") from None
+    try:
+        probe = HiddenLayerExtractor(net, hidden_layer)
+        net.eval()
+        with torch.no_grad():
+            dim = probe(torch.zeros(2, channels or 3, image_size, image_size)).shape[1]
+        probe.remove_hook()
+    except (ValueError, RuntimeError) as exc:
+        raise SystemExit(f"--hidden-layer {hidden_layer!r} of {arch}: {exc}") from None
+    return net, int(dim)
+
+
 def load_backbone(path: str | os.PathLike[str], num_classes: int) -> nn.Module:
     """A ResNet-18 with the weights of ``path`` and a new ``num_classes``-way ``fc``.
 
     Raises:
         SystemExit: the file is not a ResNet-18 ``state_dict`` (missing or unexpected keys are listed).
     """
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
-        raise SystemExit(f"{path} holds a {type(state).__name__}, not a state_dict; save resnet.state_dict()")
-    for prefix in _PREFIXES:
-        state = {k.removeprefix(prefix): v for k, v in state.items()}
+    state = _plain_state(path)
     if "conv1.weight" not in state:
         raise SystemExit(f"{path} is not a plain ResNet-18 state_dict (no conv1.weight); save resnet.state_dict()")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the pretraining head, if any, is replaced
@@ -130,7 +206,13 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.d
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--backbone", required=True, help="backbone.pt: a plain ResNet-18 state_dict")
+    p.add_argument("--backbone", required=True, help="backbone.pt: a plain state_dict (byol-train or cifar10.py)")
+    p.add_argument("--arch", default=None, help="the model, as byol-train --backbone: torchvision name, timm:NAME or "
+                   "MODULE:CALLABLE (default: from config.json next to --backbone, else a ResNet-18)")
+    p.add_argument("--backbone-kwargs", type=json.loads, default=None, help="JSON keywords of the model builder "
+                   "(default: from config.json)")
+    p.add_argument("--cifar-stem", action="store_true", default=None, help="ResNet 3x3 stem (default: from config.json)")
+    p.add_argument("--hidden-layer", default=None, help="representation layer (default: from config.json, else -2)")
     p.add_argument("--data", required=True, help="folder with train/<class>/* and test/<class>/*")
     p.add_argument("--mode", choices=("finetune", "linear"), default="finetune")
     p.add_argument("--epochs", type=int, default=30)
@@ -159,18 +241,39 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    if args.channels is not None:
-        data = load_channels_folder(args.data, args.image_size, args.channels)
+    config = saved_config(args.backbone)
+    arch = args.arch or config.get("backbone")
+    # --channels of pretraining: the flag, else the saved config's (None: 8-bit RGB decoding, as before)
+    channels_flag = args.channels if args.channels is not None else config.get("channels")
+    channels = channels_flag or 3
+    pretrained = None
+    if arch is not None:  # checked before any image is decoded
+        saved_channels = config.get("channels") or 3
+        if config and saved_channels != channels:
+            raise SystemExit(f"{args.backbone} takes {saved_channels} input channels but --channels is {channels}; "
+                             f"pass --channels {saved_channels}")
+        kwargs = args.backbone_kwargs if args.backbone_kwargs is not None else config.get("backbone_kwargs", {})
+        layer = args.hidden_layer if args.hidden_layer is not None else config.get("hidden_layer", -2)
+        layer = int(layer) if isinstance(layer, str) and layer.lstrip("-").isdigit() else layer
+        stem = args.cifar_stem if args.cifar_stem is not None else bool(config.get("cifar_stem", False))
+        pretrained = (*build_pretrained(args.backbone, arch, kwargs, stem, layer, args.image_size, channels_flag), layer)
+    else:
+        net = load_backbone(args.backbone, 2)  # a ResNet-18 state_dict? (fails here, before the data)
+        if net.conv1.in_channels != channels:
+            raise SystemExit(f"{args.backbone} takes {net.conv1.in_channels} input channels but --channels is {channels}; "
+                             f"pass --channels {net.conv1.in_channels}")
+    if channels_flag is not None:
+        data = load_channels_folder(args.data, args.image_size, channels_flag)
     else:
         data = load_image_folder(args.data, args.image_size, None if args.cache.lower() == "none" else args.cache, args.workers)
     train_x, train_y = subset(data["train_x"], data["train_y"], args.train_subset, args.seed)
     test_x, test_y = subset(data["test_x"], data["test_y"], args.test_subset, args.seed + 1)
     num_classes = len(data["classes"])
-    net = load_backbone(args.backbone, num_classes)
-    channels = args.channels or 3
-    if net.conv1.in_channels != channels:
-        raise SystemExit(f"{args.backbone} takes {net.conv1.in_channels} input channels but --channels is {channels}; "
-                         f"pass --channels {net.conv1.in_channels}")
+    if pretrained is not None:
+        backbone, dim, layer = pretrained
+        net = Classifier(backbone, layer, dim, num_classes)
+    else:
+        net = load_backbone(args.backbone, num_classes)
     t0 = time.perf_counter()
 
     if args.mode == "linear":

@@ -7,6 +7,7 @@ import builtins
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -194,8 +195,11 @@ def test_torchrun_ranks_refuse_together_when_out_is_locked(data: Path, tmp_path:
     assert proc.returncode != 0
     errors = [ln for ln in proc.stderr.splitlines() if "byol-train: error:" in ln]
     assert len(errors) == 1 and f"process {os.getpid()}" in errors[0], proc.stderr  # rank 0 speaks, once
-    # Both ranks stop with status 2 (torchrun prints its own report of the failed children, no rank traceback).
-    assert proc.stderr.count("exitcode  : 2") == 2 and "byol_wrapper/train.py" not in proc.stderr, proc.stderr
+    # Rank 0 stops with status 2 (torchrun prints its own report of the failed children, no rank traceback). Rank 1
+    # leaves with status 2 too, unless torchrun's agent, seeing rank 0 fail first, already terminated it (a race).
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", proc.stderr)
+    assert "2" in codes and set(codes) <= {"2", "-15"}, proc.stderr
+    assert "byol_wrapper/train.py" not in proc.stderr, proc.stderr
     assert not (out / "last.pt").exists()
 
 
