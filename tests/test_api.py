@@ -59,8 +59,11 @@ SURFACE: dict[str, set[str]] = {
     "byol_wrapper.loss": {"regression_loss", "symmetric_loss"},
     "byol_wrapper.momentum": {"BufferPolicy", "EMAPlan", "apply_ema_", "copy_weights_", "cosine_tau", "ema_update_", "make_ema_plan"},
     "byol_wrapper.optim": {"LARS", "OPTIMIZERS", "build_optimizer", "is_excluded_parameter", "param_groups", "warmup_cosine_lr"},
+    "byol_wrapper.plot": {"COLLAPSE_STD_RATIO", "health_warnings", "read_metrics", "render_metrics_png"},
     "byol_wrapper.sem": {"SEM", "sem_projector"},
-    "byol_wrapper.train": {"MODEL_KEYS", "apply_cifar_stem", "build_backbone", "build_parser", "main", "plot_metrics"},
+    "byol_wrapper.train": {
+        "MODEL_KEYS", "apply_cifar_stem", "build_backbone", "build_parser", "default_threads", "main", "plot_metrics",
+    },
     "byol_wrapper.trainer": {"BYOLTrainer", "MockDataset"},
     "byol_wrapper.utils": {"checks"},
     "byol_wrapper.utils.checks": {
