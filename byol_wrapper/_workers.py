@@ -38,6 +38,9 @@ def shutdown_loader(loader: Any, timeout: float = _JOIN_TIMEOUT_S) -> None:
     Asks the workers to stop (torch's own shutdown, which joins them with a timeout), then kills any that are
     still alive, and drops the iterator. Safe to call on any DataLoader, more than once.
     """
+    inner = getattr(loader, "loader", None)  # a wrapper of a DataLoader (GPU-decoded batches)
+    if inner is not None and inner is not loader:
+        shutdown_loader(inner, timeout)
     iterator = getattr(loader, "_iterator", None)
     if iterator is None:
         return

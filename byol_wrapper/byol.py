@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .augmentations import IMAGENET_MEAN, IMAGENET_STD, byol_views, to_float_image
+from .augmentations import IMAGENET_MEAN, IMAGENET_STD, BYOLView, byol_views
+from .augmentations.images import check_image_dtype, float32_image
 from .channels import default_normalization
 from .compat import LearnerEMA, adapt_state_dict, is_compiling, warn_if_outside_unit_range
 from .extractor import HiddenLayerExtractor, LayerSpec, OutputKey, TokenPool, probe_representation, resolve_layer
@@ -540,7 +541,8 @@ class BYOL(nn.Module):
                 f"x must have {self.channels} channels, shape (B, {self.channels}, H, W), got shape {tuple(x.shape)}"
                 f"{'; images look channels-last, use x.permute(0, 3, 1, 2)' if x.shape[-1] == self.channels else ''}"
             )
-        return to_float_image(x)
+        check_image_dtype(x)
+        return float32_image(x)  # the one check of the images per forward: the built-in views trust it
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         if self.custom_augment or self._mean is None or self._std is None:
@@ -552,6 +554,18 @@ class BYOL(nn.Module):
         """The two views of a batch, float32, under ``no_grad`` and outside autocast."""
         with torch.autocast(device_type=x.device.type, enabled=False):
             return self.augment1(x), self.augment2(x)
+
+    @torch.no_grad()
+    def _augment_checked(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`augment` of a batch :meth:`_check_input` validated: the built-in views skip their image checks."""
+        if type(self).augment is not BYOL.augment:  # a subclass's own augment() is honoured, as before
+            return self.augment(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            one, two = self.augment1, self.augment2  # either may be a user's callable (byol-pytorch code sets them)
+            return (
+                one._augment(x) if isinstance(one, BYOLView) else one(x),
+                two._augment(x) if isinstance(two, BYOLView) else two(x),
+            )
 
     def _encode(self, encoder: NetWrapper, one: torch.Tensor, two: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.concat_views:
@@ -624,7 +638,7 @@ class BYOL(nn.Module):
             # that the compiled graph neither breaks nor recompiles on the flag).
             self._range_check_pending = False
             warn_if_outside_unit_range(x)
-        view_one, view_two = self.augment(x)
+        view_one, view_two = self._augment_checked(x)
         dtype = self._input_dtype()
         view_one, view_two = view_one.to(dtype), view_two.to(dtype)  # no copy when the backbone is float32
         if memory_format is not None:  # the augmentations return contiguous (NCHW) views

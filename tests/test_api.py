@@ -22,12 +22,22 @@ SURFACE: dict[str, set[str]] = {
         "cosine_tau", "ema_update_", "pool_features", "regression_loss", "symmetric_loss",
     },
     "byol_wrapper.augmentations": {"BYOLView", "IMAGENET_MEAN", "IMAGENET_STD", "blur_kernel_size", "byol_views", "to_float_image"},
+    "byol_wrapper.augmentations.geometric": {"crop_boxes", "resized_crop"},
+    "byol_wrapper.augmentations.images": {"INTEGER_IMAGE_DTYPES", "check_image_dtype", "check_images", "float32_image", "to_float_image"},
+    "byol_wrapper.augmentations.intensity": {
+        "BRIGHTNESS", "CONTRAST", "HUE", "JITTER_NAMES", "SATURATION", "blur_kernel_size", "color_jitter", "gaussian_blur",
+        "grayscale", "hue", "jitter_factors", "jitter_positions", "solarize",
+    },
+    "byol_wrapper.augmentations.normalize": {"IMAGENET_MEAN", "IMAGENET_STD", "LUMA_WEIGHTS", "default_normalization"},
+    "byol_wrapper.augmentations.params": {"CROP_TRIALS", "ViewParams"},
+    "byol_wrapper.augmentations.views": {"BYOLView", "byol_views"},
     "byol_wrapper.byol": {"BYOL", "NetWrapper"},
     "byol_wrapper.byol_pytorch": {
         "BYOL", "EMA", "MLP", "MaybeSyncBatchnorm", "NetWrapper", "RandomApply", "SEM", "SimSiamMLP", "cosine_loss_fn",
         "default", "divisible_by", "exists", "flatten", "get_module_device", "kl_loss_fn", "l2norm", "loss_fn",
         "set_requires_grad", "singleton", "update_moving_average",
     },
+    "byol_wrapper.cache": {"CACHE_VERSION", "ImageCache", "cache_bytes", "open_cache"},
     "byol_wrapper.channels": {"LUMA_WEIGHTS", "adapt_first_conv", "default_normalization"},
     "byol_wrapper.checkpoint": {
         "CHECKPOINT_FORMAT", "CheckpointError", "CheckpointUnreadableError", "ForeignCheckpointError", "atomic_save",
@@ -38,6 +48,10 @@ SURFACE: dict[str, set[str]] = {
     "byol_wrapper.data": {
         "EpochSampler", "IMAGE_EXTENSIONS", "ImageFolderDataset", "LabelledImageFolder", "collate_pairs",
         "collate_skip_none", "find_images",
+    },
+    "byol_wrapper.decode": {
+        "DECODE_CHOICES", "EncodedImages", "FastDecode", "GPUDecodedBatches", "apply_orientation", "collate_encoded",
+        "decode_image_file", "gpu_decode_error", "resolve_decode",
     },
     "byol_wrapper.demo": {
         "DEMO_CLASSES", "DEMO_CONFIG", "SmallCNN", "build_demo_backbone", "generate_demo_dataset", "load_demo_split",
@@ -59,6 +73,7 @@ SURFACE: dict[str, set[str]] = {
     "byol_wrapper.loss": {"regression_loss", "symmetric_loss"},
     "byol_wrapper.momentum": {"BufferPolicy", "EMAPlan", "apply_ema_", "copy_weights_", "cosine_tau", "ema_update_", "make_ema_plan"},
     "byol_wrapper.optim": {"LARS", "OPTIMIZERS", "build_optimizer", "is_excluded_parameter", "param_groups", "warmup_cosine_lr"},
+    "byol_wrapper.pipeline": {"fast_loader"},
     "byol_wrapper.plot": {"COLLAPSE_STD_RATIO", "health_warnings", "read_metrics", "render_metrics_png"},
     "byol_wrapper.sem": {"SEM", "sem_projector"},
     "byol_wrapper.train": {

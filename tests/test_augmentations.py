@@ -24,6 +24,10 @@ from byol_wrapper.augmentations import (
     byol_views,
     to_float_image,
 )
+from byol_wrapper.augmentations import views as views_module
+from byol_wrapper.augmentations.geometric import crop_boxes
+from byol_wrapper.augmentations.intensity import color_jitter, hue, jitter_positions
+from byol_wrapper.augmentations.params import ViewParams
 
 # every op off, and a crop that is the whole (square) input: the view is the identity unless re-enabled
 _OFF = dict(
@@ -42,11 +46,6 @@ _OFF = dict(
 def only(image_size: int | tuple[int, int] = 8, **enabled) -> BYOLView:
     """A view with every op disabled except those in ``enabled``."""
     return BYOLView(image_size, **{**_OFF, **enabled})
-
-
-@pytest.fixture(autouse=True)
-def _seed() -> None:
-    torch.manual_seed(1234)
 
 
 # ---------------------------------------------------------------------------------------------- shapes
@@ -185,7 +184,7 @@ def test_cpu_slices_give_the_same_views_as_the_whole_batch(monkeypatch, dtype) -
     for view in byol_views(8, solarize_p=0.5, blur_p=0.5):
         torch.manual_seed(11)
         whole = view(x)
-        monkeypatch.setattr(aug, "_CPU_CHUNK_VALUES", 3 * 3 * 8 * 8)  # slices of 3, 3, 3 and 1 samples
+        monkeypatch.setattr(views_module, "_CPU_CHUNK_VALUES", 3 * 3 * 8 * 8)  # slices of 3, 3, 3 and 1 samples
         torch.manual_seed(11)
         sliced = view(x)
         after = torch.rand(1)
@@ -200,10 +199,10 @@ def test_cpu_slices_give_the_same_views_as_the_whole_batch(monkeypatch, dtype) -
 def test_default_cpu_slicing_at_224_px_matches_one_slice(monkeypatch) -> None:
     x = torch.randint(0, 256, (8, 3, 224, 224), dtype=torch.uint8)
     view = byol_views(224)[1]
-    assert aug._cpu_chunk(x, 3 * 224 * 224) < x.shape[0]  # the default does slice a 224 px batch of 8
+    assert views_module._cpu_chunk(x, 3 * 224 * 224) < x.shape[0]  # the default does slice a 224 px batch of 8
     torch.manual_seed(5)
     sliced = view(x)
-    monkeypatch.setattr(aug, "_CPU_CHUNK_VALUES", 1 << 40)
+    monkeypatch.setattr(views_module, "_CPU_CHUNK_VALUES", 1 << 40)
     torch.manual_seed(5)
     assert torch.equal(view(x), sliced)
 
@@ -258,15 +257,15 @@ def test_flip_rate_about_0_5_and_flip_is_a_mirror() -> None:
 
 
 def test_crop_boxes_follow_torchvision_rule() -> None:
-    rand = torch.rand(4000, aug._N_RAND)
-    top, left, h, w = aug._crop_boxes(rand, 30, 40, (0.08, 1.0), (3 / 4, 4 / 3))
+    params = ViewParams.draw(4000, torch.device("cpu"))
+    top, left, h, w = crop_boxes(params, 30, 40, (0.08, 1.0), (3 / 4, 4 / 3))
     assert bool(((top >= 0) & (left >= 0) & (top + h <= 30) & (left + w <= 40)).all())
     assert torch.equal(top, top.round()) and torch.equal(w, w.round())
     area = h * w / (30 * 40)
     assert area.min() >= 0.06 and area.max() <= 1.0
     assert abs(area.mean().item() - 0.445) < 0.02  # torchvision's RandomResizedCrop gives ~0.445 here
     # no trial fits a 10x100 image at scale >= 0.9 with ratio <= 4/3: central crop, ratio clamped to 4/3
-    top, left, h, w = aug._crop_boxes(torch.rand(3, aug._N_RAND), 10, 100, (0.9, 1.0), (3 / 4, 4 / 3))
+    top, left, h, w = crop_boxes(ViewParams.draw(3, torch.device("cpu")), 10, 100, (0.9, 1.0), (3 / 4, 4 / 3))
     assert h.tolist() == [10, 10, 10] and w.tolist() == [13, 13, 13] and left.tolist() == [43, 43, 43]
 
 
@@ -308,9 +307,9 @@ def test_color_jitter_applies_each_samples_own_order_like_kornia_sequential() ->
     ]
     apply = torch.arange(batch) % 5 != 0
     ops = [0, 1, 2, 3]
-    positions = aug._jitter_positions(keys, ops)
+    positions = jitter_positions(keys, ops)
     assert torch.equal(positions.argsort(dim=1), keys.argsort(dim=1))
-    out = aug._color_jitter(x, apply, ops, factors, positions)
+    out = color_jitter(x, apply, ops, factors, positions)
     for b in range(batch):
         if not apply[b]:
             assert torch.equal(out[b], x[b])  # untouched bit for bit
@@ -324,16 +323,16 @@ def test_color_jitter_order_changes_the_result() -> None:
     keys = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1]])  # forward vs reversed order
     factors = [torch.full((2,), 1.4), torch.full((2,), 0.6), torch.full((2,), 1.2), torch.full((2,), 0.1)]
     ops = [0, 1, 2, 3]
-    out = aug._color_jitter(image, None, ops, factors, aug._jitter_positions(keys, ops))
+    out = color_jitter(image, None, ops, factors, jitter_positions(keys, ops))
     assert (out[0] - out[1]).abs().max() > 1e-3
 
 
 def test_views_draw_every_order_of_the_four_ops() -> None:
-    keys = BYOLView(8)._sample(1000, torch.device("cpu"))[:, aug._C_ORDER]
-    positions = aug._jitter_positions(keys, [0, 1, 2, 3])
+    keys = BYOLView(8)._sample(1000, torch.device("cpu")).order
+    positions = jitter_positions(keys, [0, 1, 2, 3])
     assert len({tuple(p) for p in positions.tolist()}) == 24
     # a subset keeps the relative order of the full permutation
-    sub = aug._jitter_positions(keys, [0, 1])
+    sub = jitter_positions(keys, [0, 1])
     assert torch.equal(sub[:, 0] < sub[:, 1], positions[:, 0] < positions[:, 1])
 
 
@@ -358,7 +357,7 @@ def test_hue_matches_kornia_adjust_hue_including_edge_pixels() -> None:
     x[7] *= 1e-6  # near black, where kornia's saturation eps matters most
     turns = torch.linspace(-0.5, 0.5, 12)
     turns[6] = 0.0
-    out = aug._hue(x, turns)
+    out = hue(x, turns)
     expected = adjust_hue(x, turns * 2 * math.pi)
     torch.testing.assert_close(out, expected, atol=2e-6, rtol=0)
     torch.testing.assert_close(out[:3], x[:3], atol=1e-7, rtol=0)  # black, white, gray unchanged
@@ -552,6 +551,105 @@ def test_byol_views_overrides_apply_to_both() -> None:
 def test_module_exports() -> None:
     assert set(aug.__all__) == {"IMAGENET_MEAN", "IMAGENET_STD", "BYOLView", "blur_kernel_size", "byol_views",
                                 "to_float_image"}
+    for name in aug.__all__:
+        assert getattr(aug, name) is not None
+
+
+# ---------------------------------------------------------------------------------------------- the package's layout
+
+
+def test_view_params_are_one_uniform_draw_named_by_field() -> None:
+    torch.manual_seed(3)
+    params = ViewParams.draw(5, torch.device("cpu"))
+    after = torch.rand(1)
+    torch.manual_seed(3)
+    uniform = torch.rand(5, ViewParams.columns())
+    assert torch.equal(torch.rand(1), after)  # exactly one draw of (B, columns) numbers
+    flat = torch.cat([f if f.ndim == 2 else f.unsqueeze(1) for f in params], dim=1)
+    assert torch.equal(flat, uniform)  # the fields, in order, are the draw's columns
+    assert params.area.shape == (5, 10) and params.order.shape == (5, 4) and params.flip.shape == (5,)
+    part = params.narrow(1, 3)
+    assert all(torch.equal(a, b[1:3]) for a, b in zip(part, params))
+
+
+def test_a_view_is_replayable_from_its_params() -> None:
+    view = byol_views(8)[1]
+    x = torch.rand(6, 3, 12, 12)
+    torch.manual_seed(4)
+    out = view(x)
+    torch.manual_seed(4)
+    params = view._sample(6, x.device)
+    assert torch.equal(view._transform(x, params), out)
+    assert torch.equal(view._transform(x, params), out)  # the same params give the same view again
+
+
+def test_one_torch_rand_per_view_forward(monkeypatch) -> None:
+    calls = []
+    real = torch.rand
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: calls.append(a) or real(*a, **k))
+    for view in byol_views(8):
+        view(torch.rand(4, 3, 12, 12))
+    assert calls == [(4, 3, 12, 12), (4, ViewParams.columns()), (4, 3, 12, 12), (4, ViewParams.columns())]
+
+
+def test_learner_checks_its_images_once_and_views_still_check_when_called_directly(monkeypatch, tiny_cnn) -> None:
+    import byol_wrapper.byol as byol_module
+    from byol_wrapper import BYOL
+
+    counts = {"learner": 0, "view": 0}
+
+    def counting(key, fn):
+        def wrapped(*args, **kwargs):
+            counts[key] += 1
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(byol_module, "check_image_dtype", counting("learner", byol_module.check_image_dtype))
+    monkeypatch.setattr(views_module, "check_images", counting("view", views_module.check_images))
+    learner = BYOL(tiny_cnn, image_size=8, hidden_layer="pool", projection_size=8, projection_hidden_size=16)
+    learner(torch.randint(0, 256, (4, 3, 12, 12), dtype=torch.uint8))
+    assert counts == {"learner": 1, "view": 0}
+    learner.augment(torch.rand(4, 3, 12, 12))  # the public path checks, in each view
+    assert counts == {"learner": 1, "view": 2}
+    with pytest.raises(TypeError, match="uint8, uint16 or int16"):
+        learner(torch.ones(4, 3, 8, 8, dtype=torch.int32))
+    with pytest.raises(TypeError, match="uint8, uint16 or int16"):
+        learner.augment1(torch.ones(4, 3, 8, 8, dtype=torch.int32))
+    seen = []
+    learner.augment2 = torch.nn.Identity()  # byol-pytorch code may replace a view with its own module
+    learner.augment2.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    x = torch.randint(0, 256, (4, 3, 12, 12), dtype=torch.uint8)
+    assert learner(x).ndim == 0
+    assert torch.equal(seen[0], x / 255)  # it gets the checked float batch, as augment() gives it
+
+
+def test_normalization_constants_are_defined_once() -> None:
+    import pathlib
+
+    import byol_wrapper
+    from byol_wrapper import channels
+    from byol_wrapper.augmentations import normalize
+
+    assert channels.default_normalization(3) == (IMAGENET_MEAN, IMAGENET_STD)
+    assert channels.default_normalization is normalize.default_normalization
+    assert channels.LUMA_WEIGHTS is normalize.LUMA_WEIGHTS and byol_wrapper.IMAGENET_MEAN is normalize.IMAGENET_MEAN
+    package = pathlib.Path(byol_wrapper.__file__).parent
+    defining = sorted(
+        str(path.relative_to(package)) for path in package.rglob("*.py")
+        if any(f"{v[0]}, {v[1]}, {v[2]}" in path.read_text() for v in (IMAGENET_MEAN, IMAGENET_STD))
+    )
+    assert defining == ["augmentations/normalize.py"]
+
+
+def test_no_speed_figures_in_the_augmentations_source() -> None:
+    # figures that go stale belong in benchmarks/RESULTS.md, not in docstrings or comments
+    import pathlib
+    import re
+
+    figure = re.compile(r"\d+(\.\d+)?(-\d+(\.\d+)?)?x (faster|slower)")
+    for path in pathlib.Path(aug.__file__).parent.glob("*.py"):
+        assert not figure.search(path.read_text()), path.name
 
 
 # ---------------------------------------------------------------------------------------------- GPU

@@ -348,3 +348,19 @@ def test_to_and_casts_work_and_ema_follows_replaced_tensors(tiny_cnn):
     learner.update_moving_average()  # tau = 0: the target must equal the online network, buffers included
     for (name, a), b in zip(learner.target_encoder.state_dict().items(), learner.online_encoder.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
+
+
+def test_a_subclass_augment_is_used_by_forward(tiny_cnn) -> None:
+    """A learner subclass overriding ``augment`` (a user's own views) is used by the training forward."""
+    from byol_wrapper import BYOL
+
+    calls = []
+
+    class Mine(BYOL):
+        def augment(self, x):
+            calls.append(x.shape)
+            return x, x.flip(-1)
+
+    learner = Mine(tiny_cnn, image_size=8, hidden_layer="pool", projection_size=8, projection_hidden_size=16)
+    learner(torch.rand(4, 3, 8, 8)).backward()
+    assert calls == [torch.Size([4, 3, 8, 8])]

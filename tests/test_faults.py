@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,14 +32,6 @@ from byol_wrapper.train import EXIT_DIVERGED, main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--backbone", "shufflenet_v2_x0_5", "--backbone-kwargs", '{"num_classes": 2}']
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _write_images(root: Path, classes: int = 2, per_class: int = 6, size: int = 16, seed: int = 0) -> Path:

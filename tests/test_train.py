@@ -13,7 +13,6 @@ import threading
 import time
 import types
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +30,6 @@ REPO = Path(__file__).resolve().parents[1]
 # A small, fast model with small checkpoints for most tests; the ResNet-18 + CIFAR stem path is covered once.
 TINY = ["--backbone", "shufflenet_v2_x0_5", "--backbone-kwargs", '{"num_classes": 2}']
 RESNET = ["--backbone", "resnet18", "--cifar-stem", "--backbone-kwargs", '{"num_classes": 2}']
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # faster than 2 contending threads on a loaded machine
-    yield
-    torch.set_num_threads(threads)
 
 
 def _write_images(root: Path, classes: int = 2, per_class: int = 6, size: int = 16, seed: int = 0) -> Path:
