@@ -357,6 +357,8 @@ class BYOL(nn.Module):
         self._range_check_pending = bool(check_input_range)
         self._step = 0
         self._ema_plan: EMAPlan | None = None
+        self._forwards_since_update = 0  # training forwards since the last update_moving_average() (Python int)
+        self._missing_update_warned = False
 
         # Augmentations: built-in per-sample views, or the user's callables.
         self.custom_augment = augment_fn is not None or augment_fn2 is not None
@@ -436,6 +438,36 @@ class BYOL(nn.Module):
         return target
 
     # ------------------------------------------------------------------ momentum
+    #: The learner warns, once, on a training forward that follows this many training forwards in a row without
+    #: ``update_moving_average()`` (the target is not moving). 256 leaves room for gradient accumulation (up to
+    #: 256 micro-batches per optimizer step, e.g. the paper's batch of 4096 in micro-batches of 16); ``None``
+    #: turns the warning off.
+    max_forwards_without_update: int | None = 256
+
+    def _count_training_forward(self) -> None:
+        """Counts a training forward that used the target; warns once past :attr:`max_forwards_without_update`.
+
+        A Python counter only (no host sync); not called while ``torch.compile`` traces (see :meth:`forward`).
+        """
+        self._forwards_since_update = count = getattr(self, "_forwards_since_update", 0) + 1
+        limit = self.max_forwards_without_update
+        if limit is None or count <= limit or getattr(self, "_missing_update_warned", False):
+            return
+        self._missing_update_warned = True
+        moved = (
+            "the target network is still the copy made at construction"
+            if self._step == 0
+            else f"the target network has not moved since update {self._step}"
+        )
+        warnings.warn(
+            f"more than {limit} training forwards in a row without learner.update_moving_average(): {moved}, so "
+            "BYOL regresses onto a fixed network. "
+            "Call learner.update_moving_average() after each optimizer.step() (once per optimizer "
+            "step, not per micro-batch when accumulating gradients). If more forwards per step are intended, set "
+            "learner.max_forwards_without_update to a larger number, or None to silence this (warned once).",
+            stacklevel=5,  # the user's learner(x): this method, forward, Module._call_impl, Module._wrapped_call_impl
+        )
+
     @property
     def step(self) -> int:
         """Number of ``update_moving_average()`` calls so far (optimizer steps)."""
@@ -463,6 +495,7 @@ class BYOL(nn.Module):
             self._ema_plan = make_ema_plan(self.target_encoder, self.online_encoder, self.buffer_policy)
         apply_ema_(self._ema_plan, self.tau)
         self._step += 1
+        self._forwards_since_update = 0
 
     def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> "BYOL":
         # .to()/.cuda()/.half() replace buffer tensors: drop the cached EMA plan.
@@ -530,17 +563,18 @@ class BYOL(nn.Module):
     # ------------------------------------------------------------------ forward
     def _check_input(self, x: Any) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor of images (B, C, H, W), got {type(x).__name__}")
+            from .augmentations.images import not_a_tensor_error  # error path only: the conversion of PIL/NumPy
+
+            raise not_a_tensor_error(x, self.channels)
         if x.ndim != 4:
             raise ValueError(
                 f"x must be a batch of images of shape (B, {self.channels}, H, W), got shape {tuple(x.shape)}"
                 + ("; add a batch dimension with x.unsqueeze(0)" if x.ndim == 3 else "")
             )
         if x.shape[1] != self.channels:
-            raise ValueError(
-                f"x must have {self.channels} channels, shape (B, {self.channels}, H, W), got shape {tuple(x.shape)}"
-                f"{'; images look channels-last, use x.permute(0, 3, 1, 2)' if x.shape[-1] == self.channels else ''}"
-            )
+            from .channels import channel_mismatch_message  # error path only
+
+            raise ValueError(channel_mismatch_message(self.net, self.channels, tuple(x.shape)))
         check_image_dtype(x)
         return float32_image(x)  # the one check of the images per forward: the built-in views trust it
 
@@ -609,9 +643,17 @@ class BYOL(nn.Module):
             The symmetric loss (float32 scalar), or the embedding as described.
 
         Raises:
-            TypeError: ``x`` is not a tensor.
-            ValueError: wrong rank or channel count, or a batch of 1 in training mode.
+            TypeError: ``x`` is not a tensor (for a PIL image or NumPy array, or a list of them, the message gives
+                the conversion).
+            ValueError: wrong rank or channel count (naming ``channels=`` and the backbone's first convolution),
+                or a batch of 1 in training mode.
             RuntimeError: called in an ``nn.DataParallel`` replica (several GPUs); use DDP.
+
+        Warns:
+            UserWarning: once, when more than :attr:`max_forwards_without_update` (256) training forwards in a
+                row that used the target ran without ``update_moving_average()``. Counted in eager mode only (not under
+                ``torch.compile`` of the learner, nor for ``return_embedding``, eval-mode or ``no_grad`` forwards,
+                nor with ``use_momentum=False``), with a Python counter (no host sync).
         """
         if getattr(self, "_is_replica", False):
             raise RuntimeError(
@@ -633,6 +675,9 @@ class BYOL(nn.Module):
                 "x must hold at least 2 images in training mode (BatchNorm in the heads needs batch statistics); "
                 "use a larger batch, or learner.eval() with return_embedding=True to embed one image"
             )
+        if not is_compiling() and self.training and self.target_encoder is not None and torch.is_grad_enabled():
+            # Eager only: while torch.compile traces, is_compiling() is constant True and the counter is not read.
+            self._count_training_forward()
         if self._range_check_pending and self.training and not self.custom_augment and not is_compiling():
             # One host read, on the first eager training forward only (skipped while torch.compile traces, so
             # that the compiled graph neither breaks nor recompiles on the flag).
