@@ -23,7 +23,7 @@ SURFACE: dict[str, set[str]] = {
     },
     "byol_wrapper.augmentations": {"BYOLView", "IMAGENET_MEAN", "IMAGENET_STD", "blur_kernel_size", "byol_views", "to_float_image"},
     "byol_wrapper.augmentations.geometric": {"crop_boxes", "resized_crop"},
-    "byol_wrapper.augmentations.images": {"INTEGER_IMAGE_DTYPES", "check_image_dtype", "check_images", "float32_image", "to_float_image"},
+    "byol_wrapper.augmentations.images": {"INTEGER_IMAGE_DTYPES", "check_image_dtype", "check_images", "float32_image", "not_a_tensor_error", "to_float_image"},
     "byol_wrapper.augmentations.intensity": {
         "BRIGHTNESS", "CONTRAST", "HUE", "JITTER_NAMES", "SATURATION", "blur_kernel_size", "color_jitter", "gaussian_blur",
         "grayscale", "hue", "jitter_factors", "jitter_positions", "solarize",
@@ -38,7 +38,7 @@ SURFACE: dict[str, set[str]] = {
         "set_requires_grad", "singleton", "update_moving_average",
     },
     "byol_wrapper.cache": {"CACHE_VERSION", "ImageCache", "cache_bytes", "open_cache"},
-    "byol_wrapper.channels": {"LUMA_WEIGHTS", "adapt_first_conv", "default_normalization"},
+    "byol_wrapper.channels": {"LUMA_WEIGHTS", "adapt_first_conv", "channel_mismatch_message", "default_normalization"},
     "byol_wrapper.checkpoint": {
         "CHECKPOINT_FORMAT", "CheckpointError", "CheckpointUnreadableError", "ForeignCheckpointError", "atomic_save",
         "load_checkpoint", "load_latest_checkpoint", "nonfinite_entries", "previous_path", "remove_stale_temporaries",
