@@ -21,27 +21,12 @@ from .channels import default_normalization
 from .compat import LearnerEMA, adapt_state_dict, is_compiling, warn_if_outside_unit_range
 from .extractor import HiddenLayerExtractor, LayerSpec, OutputKey, TokenPool, probe_representation, resolve_layer
 from .heads import MLP, SimSiamMLP
-from .sem import sem_projector
 from .loss import symmetric_loss
 from .momentum import BUFFER_POLICIES, BufferPolicy, EMAPlan, apply_ema_, copy_weights_, cosine_tau, make_ema_plan
+from .sem import sem_projector
+from .utils.checks import check_size
 
 __all__ = ["BYOL", "NetWrapper"]
-
-
-def _image_size_pair(image_size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(image_size, int) and not isinstance(image_size, bool):
-        size = (image_size, image_size)
-    elif (
-        isinstance(image_size, Sequence)
-        and len(image_size) == 2
-        and all(isinstance(s, int) and not isinstance(s, bool) for s in image_size)
-    ):
-        size = (int(image_size[0]), int(image_size[1]))
-    else:
-        raise TypeError(f"image_size must be an int or an (H, W) pair of ints, got {image_size!r}")
-    if min(size) <= 0:
-        raise ValueError(f"image_size must be positive, got {image_size!r}")
-    return size
 
 
 def _first_conv_channels(net: nn.Module) -> int | None:
@@ -327,7 +312,7 @@ class BYOL(nn.Module):
         super().__init__()
         if not isinstance(net, nn.Module):
             raise TypeError(f"net must be a torch.nn.Module, got {type(net).__name__}")
-        self.image_size = _image_size_pair(image_size)
+        self.image_size = check_size("image_size", image_size)
         if isinstance(moving_average_decay, bool) or not isinstance(moving_average_decay, (int, float)) or not 0.0 <= moving_average_decay <= 1.0:
             raise ValueError(f"moving_average_decay must be a float in [0, 1] (0.99 or the paper's 0.996), got {moving_average_decay!r}")
         if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0):
