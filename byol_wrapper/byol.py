@@ -14,35 +14,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.func import functional_call
 
 from .augmentations import IMAGENET_MEAN, IMAGENET_STD, BYOLView, byol_views
 from .augmentations.images import check_image_dtype, float32_image
 from .channels import default_normalization
 from .compat import LearnerEMA, adapt_state_dict, is_compiling, warn_if_outside_unit_range
-from .extractor import HiddenLayerExtractor, LayerSpec, OutputKey, TokenPool, preserved_state, resolve_layer
+from .extractor import HiddenLayerExtractor, LayerSpec, OutputKey, TokenPool, probe_representation, resolve_layer
 from .heads import MLP, SimSiamMLP
-from .sem import sem_projector
 from .loss import symmetric_loss
 from .momentum import BUFFER_POLICIES, BufferPolicy, EMAPlan, apply_ema_, copy_weights_, cosine_tau, make_ema_plan
+from .sem import sem_projector
+from .utils.checks import check_size
 
 __all__ = ["BYOL", "NetWrapper"]
-
-
-def _image_size_pair(image_size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(image_size, int) and not isinstance(image_size, bool):
-        size = (image_size, image_size)
-    elif (
-        isinstance(image_size, Sequence)
-        and len(image_size) == 2
-        and all(isinstance(s, int) and not isinstance(s, bool) for s in image_size)
-    ):
-        size = (int(image_size[0]), int(image_size[1]))
-    else:
-        raise TypeError(f"image_size must be an int or an (H, W) pair of ints, got {image_size!r}")
-    if min(size) <= 0:
-        raise ValueError(f"image_size must be positive, got {image_size!r}")
-    return size
 
 
 def _first_conv_channels(net: nn.Module) -> int | None:
@@ -328,7 +312,7 @@ class BYOL(nn.Module):
         super().__init__()
         if not isinstance(net, nn.Module):
             raise TypeError(f"net must be a torch.nn.Module, got {type(net).__name__}")
-        self.image_size = _image_size_pair(image_size)
+        self.image_size = check_size("image_size", image_size)
         if isinstance(moving_average_decay, bool) or not isinstance(moving_average_decay, (int, float)) or not 0.0 <= moving_average_decay <= 1.0:
             raise ValueError(f"moving_average_decay must be a float in [0, 1] (0.99 or the paper's 0.996), got {moving_average_decay!r}")
         if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0):
@@ -358,6 +342,8 @@ class BYOL(nn.Module):
         self._range_check_pending = bool(check_input_range)
         self._step = 0
         self._ema_plan: EMAPlan | None = None
+        self._forwards_since_update = 0  # training forwards since the last update_moving_average() (Python int)
+        self._missing_update_warned = False
 
         # Augmentations: built-in per-sample views, or the user's callables.
         self.custom_augment = augment_fn is not None or augment_fn2 is not None
@@ -403,21 +389,8 @@ class BYOL(nn.Module):
         return self.online_encoder.net
 
     def _probe_hidden_dim(self, dtype: torch.dtype) -> int:
-        """Finds the pooled hidden size without changing anything in the backbone."""
-        net = self.net
-        h, w = self.image_size
-        state = {name: torch.empty_like(t, device="meta") for name, t in [*net.named_parameters(), *net.named_buffers()]}
-        x = torch.zeros(2, self.channels, h, w, dtype=dtype, device="meta")
-        try:
-            with torch.no_grad():
-                return self._run_probe(lambda inp: functional_call(net, state, (inp,), tie_weights=True), x)
-        except Exception:  # noqa: BLE001 - meta unsupported by some op; fall back to a guarded real pass
-            pass
-        with preserved_state(net), torch.no_grad():
-            return self._run_probe(net, torch.zeros(2, self.channels, h, w, dtype=dtype, device=_module_device(net)))
-
-    def _run_probe(self, run: Callable[[torch.Tensor], Any], x: torch.Tensor) -> int:
-        return int(self.online_encoder.get_representation(x, run).shape[-1])
+        """Finds the pooled hidden size without changing anything in the backbone (see ``probe_representation``)."""
+        return probe_representation(self.online_encoder, (self.channels, *self.image_size), dtype=dtype).dim
 
     def _get_target_encoder(self) -> NetWrapper:
         """The target encoder (byol-pytorch's accessor; here the target exists from construction).
@@ -450,6 +423,36 @@ class BYOL(nn.Module):
         return target
 
     # ------------------------------------------------------------------ momentum
+    #: The learner warns, once, on a training forward that follows this many training forwards in a row without
+    #: ``update_moving_average()`` (the target is not moving). 256 leaves room for gradient accumulation (up to
+    #: 256 micro-batches per optimizer step, e.g. the paper's batch of 4096 in micro-batches of 16); ``None``
+    #: turns the warning off.
+    max_forwards_without_update: int | None = 256
+
+    def _count_training_forward(self) -> None:
+        """Counts a training forward that used the target; warns once past :attr:`max_forwards_without_update`.
+
+        A Python counter only (no host sync); not called while ``torch.compile`` traces (see :meth:`forward`).
+        """
+        self._forwards_since_update = count = getattr(self, "_forwards_since_update", 0) + 1
+        limit = self.max_forwards_without_update
+        if limit is None or count <= limit or getattr(self, "_missing_update_warned", False):
+            return
+        self._missing_update_warned = True
+        moved = (
+            "the target network is still the copy made at construction"
+            if self._step == 0
+            else f"the target network has not moved since update {self._step}"
+        )
+        warnings.warn(
+            f"more than {limit} training forwards in a row without learner.update_moving_average(): {moved}, so "
+            "BYOL regresses onto a fixed network. "
+            "Call learner.update_moving_average() after each optimizer.step() (once per optimizer "
+            "step, not per micro-batch when accumulating gradients). If more forwards per step are intended, set "
+            "learner.max_forwards_without_update to a larger number, or None to silence this (warned once).",
+            stacklevel=5,  # the user's learner(x): this method, forward, Module._call_impl, Module._wrapped_call_impl
+        )
+
     @property
     def step(self) -> int:
         """Number of ``update_moving_average()`` calls so far (optimizer steps)."""
@@ -477,6 +480,7 @@ class BYOL(nn.Module):
             self._ema_plan = make_ema_plan(self.target_encoder, self.online_encoder, self.buffer_policy)
         apply_ema_(self._ema_plan, self.tau)
         self._step += 1
+        self._forwards_since_update = 0
 
     def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> "BYOL":
         # .to()/.cuda()/.half() replace buffer tensors: drop the cached EMA plan.
@@ -515,9 +519,19 @@ class BYOL(nn.Module):
 
         See :func:`byol_wrapper.distributed.unused_parameters`.
         """
-        from .distributed import unused_parameters
-
-        return unused_parameters(self)
+        if not any(p.requires_grad for p in self.net.parameters()):
+            return []
+        try:
+            probe = probe_representation(self.online_encoder, (self.channels, *self.image_size), gradients=True)
+        except Exception as err:  # noqa: BLE001 - neither the meta trace nor the guarded real pass ran
+            warnings.warn(
+                f"could not check which backbone parameters the BYOL loss reaches ({type(err).__name__}: {err}); "
+                "if DistributedDataParallel reports unused parameters, drop the layers after hidden_layer "
+                "(e.g. net.fc = nn.Identity() with hidden_layer=-1)",
+                stacklevel=2,
+            )
+            return []
+        return [f"online_encoder.net.{name}" for name in probe.unreachable]
 
     @property
     def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
@@ -534,17 +548,18 @@ class BYOL(nn.Module):
     # ------------------------------------------------------------------ forward
     def _check_input(self, x: Any) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor of images (B, C, H, W), got {type(x).__name__}")
+            from .augmentations.images import not_a_tensor_error  # error path only: the conversion of PIL/NumPy
+
+            raise not_a_tensor_error(x, self.channels)
         if x.ndim != 4:
             raise ValueError(
                 f"x must be a batch of images of shape (B, {self.channels}, H, W), got shape {tuple(x.shape)}"
                 + ("; add a batch dimension with x.unsqueeze(0)" if x.ndim == 3 else "")
             )
         if x.shape[1] != self.channels:
-            raise ValueError(
-                f"x must have {self.channels} channels, shape (B, {self.channels}, H, W), got shape {tuple(x.shape)}"
-                f"{'; images look channels-last, use x.permute(0, 3, 1, 2)' if x.shape[-1] == self.channels else ''}"
-            )
+            from .channels import channel_mismatch_message  # error path only
+
+            raise ValueError(channel_mismatch_message(self.net, self.channels, tuple(x.shape)))
         check_image_dtype(x)
         return float32_image(x)  # the one check of the images per forward: the built-in views trust it
 
@@ -613,9 +628,17 @@ class BYOL(nn.Module):
             The symmetric loss (float32 scalar), or the embedding as described.
 
         Raises:
-            TypeError: ``x`` is not a tensor.
-            ValueError: wrong rank or channel count, or a batch of 1 in training mode.
+            TypeError: ``x`` is not a tensor (for a PIL image or NumPy array, or a list of them, the message gives
+                the conversion).
+            ValueError: wrong rank or channel count (naming ``channels=`` and the backbone's first convolution),
+                or a batch of 1 in training mode.
             RuntimeError: called in an ``nn.DataParallel`` replica (several GPUs); use DDP.
+
+        Warns:
+            UserWarning: once, when more than :attr:`max_forwards_without_update` (256) training forwards in a
+                row that used the target ran without ``update_moving_average()``. Counted in eager mode only (not under
+                ``torch.compile`` of the learner, nor for ``return_embedding``, eval-mode or ``no_grad`` forwards,
+                nor with ``use_momentum=False``), with a Python counter (no host sync).
         """
         if getattr(self, "_is_replica", False):
             raise RuntimeError(
@@ -637,6 +660,9 @@ class BYOL(nn.Module):
                 "x must hold at least 2 images in training mode (BatchNorm in the heads needs batch statistics); "
                 "use a larger batch, or learner.eval() with return_embedding=True to embed one image"
             )
+        if not is_compiling() and self.training and self.target_encoder is not None and torch.is_grad_enabled():
+            # Eager only: while torch.compile traces, is_compiling() is constant True and the counter is not read.
+            self._count_training_forward()
         if self._range_check_pending and self.training and not self.custom_augment and not is_compiling():
             # One host read, on the first eager training forward only (skipped while torch.compile traces, so
             # that the compiled graph neither breaks nor recompiles on the flag).

@@ -14,7 +14,7 @@ from torch import nn
 
 from .augmentations.normalize import LUMA_WEIGHTS, default_normalization
 
-__all__ = ["LUMA_WEIGHTS", "adapt_first_conv", "default_normalization"]
+__all__ = ["LUMA_WEIGHTS", "adapt_first_conv", "channel_mismatch_message", "default_normalization"]
 
 
 def _adapt_weight(weight: torch.Tensor, channels: int) -> torch.Tensor:
@@ -75,3 +75,56 @@ def adapt_first_conv(model: nn.Module, channels: int) -> nn.Module:
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, attr, new)
     return model
+
+
+def _first_conv(net: nn.Module) -> tuple[str, nn.Module] | None:
+    """The first ``nn.Conv2d``/``nn.Conv3d`` of ``net`` with its name (the one ``BYOL`` reads ``channels`` from)."""
+    for name, module in net.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Conv3d)):
+            return name, module
+    return None
+
+
+def _convert_images_hint(got: int, want: int) -> str:
+    if got == 1:
+        return f"pass {want}-channel images (a grayscale batch repeated: x.expand(-1, {want}, -1, -1))"
+    if got == 3 and want == 1:
+        return "pass 1-channel images (RGB to grayscale: kornia.color.rgb_to_grayscale(x))"
+    if got == 4 and want == 3:
+        return "pass 3-channel images (RGBA without its alpha channel: x[:, :3])"
+    return f"pass {want}-channel images"
+
+
+def channel_mismatch_message(net: nn.Module, channels: int, shape: tuple[int, ...]) -> str:
+    """Why a batch of ``shape`` does not fit a learner of ``channels`` around ``net``, and how to fix it.
+
+    Names the learner's ``channels=``, the backbone's first convolution (module name and ``in_channels``) it is
+    read from, and the fixes: convert the images, or build the backbone (and the learner) for the images'
+    channel count.
+    """
+    got = int(shape[1])
+    found = _first_conv(net)
+    head = f"x must have {channels} channel{'s' if channels != 1 else ''}: this learner takes channels={channels}"
+    if found is None:
+        head += " (the channels= given to BYOL, or 3: the backbone has no nn.Conv2d/nn.Conv3d to read it from)"
+        fix = f"or pass channels={got} to BYOL if the backbone takes {got}-channel images"
+    else:
+        name, conv = found
+        conv_desc = f"{name!r} (nn.{type(conv).__name__}, in_channels={conv.in_channels})"
+        if conv.in_channels == channels:
+            head += f", read from the backbone's first convolution {conv_desc}"
+        else:
+            head += f" as given to BYOL, while the backbone's first convolution is {conv_desc}"
+        if conv.in_channels == got:
+            fix = f"or build the learner without channels= (or with channels={got}) so that it matches the backbone"
+        else:
+            how = f"byol_wrapper.channels.adapt_first_conv(net, {got}), " if isinstance(conv, nn.Conv2d) else ""
+            fix = (
+                f"or build the backbone with {got} input channel{'s' if got != 1 else ''} ({how}"
+                f"timm.create_model(..., in_chans={got}), or {name} = nn.{type(conv).__name__}({got}, ...)) and the "
+                "learner on it: channels= is read from its first convolution"
+            )
+    head += f"; got {got} channel{'s' if got != 1 else ''}, shape {tuple(shape)}"
+    if shape[-1] == channels and got != channels:
+        return f"{head}. The images look channels-last (B, H, W, C): use x.permute(0, 3, 1, 2)"
+    return f"{head}. Either {_convert_images_hint(got, channels)}, {fix}"

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .utils.checks import is_real
+
 if TYPE_CHECKING:
     from .byol import BYOL
 
@@ -55,7 +57,7 @@ class LearnerEMA(EMA):
 
     @beta.setter
     def beta(self, value: float) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        if not is_real(value) or not 0.0 <= value <= 1.0:
             raise ValueError(f"target_ema_updater.beta must be a float in [0, 1], got {value!r}")
         learner = self._learner
         if learner.total_steps is not None:

@@ -22,14 +22,9 @@ Cheaper still, drop the unused layers: ``net.fc = nn.Identity()`` with ``hidden_
 
 from __future__ import annotations
 
-import warnings
-
-import torch
 from torch import nn
-from torch.func import functional_call
 
 from .byol import BYOL
-from .extractor import preserved_state
 
 __all__ = ["params_to_ignore", "unused_parameters", "unwrap", "update_moving_average"]
 
@@ -86,7 +81,8 @@ def unused_parameters(learner: BYOL) -> list[str]:
     ``hidden_layer``: layers that run after it (``fc`` after ``"avgpool"``) and modules that never run. The
     check traces the backbone on the ``meta`` device (no memory, no compute, no change to the backbone); if a
     layer does not support ``meta``, it runs one eval-mode forward and backward of two blank images instead,
-    restoring buffers and training flags, and without touching ``.grad``. It runs when DDP wraps the learner
+    restoring buffers and training flags, and without touching ``.grad``
+    (:func:`byol_wrapper.extractor.probe_representation`). It runs when DDP wraps the learner
     (through ``learner._ddp_params_and_buffers_to_ignore``), not in the training step.
 
     Args:
@@ -98,40 +94,7 @@ def unused_parameters(learner: BYOL) -> list[str]:
     """
     if not isinstance(learner, BYOL):
         raise TypeError(f"learner must be a BYOL learner, got {type(learner).__name__}; use unwrap(model) first")
-    net = learner.net
-    trainable = [(name, p) for name, p in net.named_parameters() if p.requires_grad]
-    if not trainable:
-        return []
-    h, w = learner.image_size
-    try:
-        state = {name: torch.empty_like(t, device="meta") for name, t in [*net.named_parameters(), *net.named_buffers()]}
-        leaves = [state[name].requires_grad_() for name, _ in trainable]
-        x = torch.zeros(2, learner.channels, h, w, dtype=leaves[0].dtype, device="meta")
-        with torch.enable_grad():
-            rep = learner.online_encoder.get_representation(x, lambda i: functional_call(net, state, (i,), tie_weights=True))
-            grads = torch.autograd.grad(rep.sum(), leaves, allow_unused=True)
-    except Exception:  # noqa: BLE001 - a layer without meta support: one guarded real pass
-        try:
-            grads = _real_pass_grads(learner, [p for _, p in trainable])
-        except Exception as err:  # noqa: BLE001
-            warnings.warn(
-                f"could not check which backbone parameters the BYOL loss reaches ({type(err).__name__}: {err}); "
-                "if DistributedDataParallel reports unused parameters, drop the layers after hidden_layer "
-                "(e.g. net.fc = nn.Identity() with hidden_layer=-1)",
-                stacklevel=2,
-            )
-            return []
-    return [f"online_encoder.net.{name}" for (name, _), g in zip(trainable, grads) if g is None]
-
-
-def _real_pass_grads(learner: BYOL, params: list[torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
-    net = learner.net
-    first = next(iter(net.parameters()))
-    h, w = learner.image_size
-    with preserved_state(net), torch.enable_grad():
-        x = torch.zeros(2, learner.channels, h, w, dtype=first.dtype, device=first.device)
-        rep = learner.online_encoder.get_representation(x)
-        return torch.autograd.grad(rep.sum(), params, allow_unused=True)
+    return learner.unused_parameters()
 
 
 def params_to_ignore(module: nn.Module) -> list[str]:

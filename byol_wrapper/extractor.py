@@ -6,6 +6,9 @@ concurrent forwards from several threads, e.g. a web service embedding with one 
 other's outputs: a forward hook runs in the thread of its forward) and the entry is cleared right after it is read, as timm's ``_features.py`` does. The hook is
 removed when :meth:`HiddenLayerExtractor.remove_hook` is called or when the extractor is garbage collected, so
 re-wrapping the same backbone never leaves stale hooks behind.
+
+:func:`probe_representation` traces an extractor on a blank batch, on the ``meta`` device: the learner sizes its
+projector from it, and finds the backbone parameters the loss cannot reach (which DDP must ignore).
 """
 
 from __future__ import annotations
@@ -13,15 +16,27 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
+import itertools
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Mapping
-from typing import Literal, Union
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Literal, NamedTuple, Union
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
-__all__ = ["HiddenLayerExtractor", "LayerSpec", "OutputKey", "pool_features", "preserved_state", "resolve_layer", "select_output"]
+__all__ = [
+    "HiddenLayerExtractor",
+    "LayerSpec",
+    "OutputKey",
+    "RepresentationProbe",
+    "pool_features",
+    "preserved_state",
+    "probe_representation",
+    "resolve_layer",
+    "select_output",
+]
 
 LayerSpec = Union[str, int]
 TokenPool = Literal["cls", "mean", "flatten"]
@@ -217,8 +232,9 @@ def pool_features(
 def preserved_state(net: nn.Module) -> Iterator[nn.Module]:
     """Runs a block with ``net`` in eval mode, then restores every module's training flag and every buffer.
 
-    Used for the rare real forward passes the library makes on a user's backbone (probing sizes when the
-    ``meta`` device is not supported), so that no BatchNorm statistic, ``num_batches_tracked`` or flag changes.
+    Used for the real forward passes the library makes on a user's backbone outside training (feature extraction
+    for evaluation; :func:`probe_representation` when the ``meta`` device is not supported), so that no BatchNorm
+    statistic, ``num_batches_tracked`` or flag changes.
     """
     flags = {m: m.training for m in net.modules()}
     saved = {name: b.detach().clone() for name, b in net.named_buffers()}
@@ -374,3 +390,77 @@ class HiddenLayerExtractor(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Same as :meth:`get_representation`."""
         return self.get_representation(x)
+
+
+class RepresentationProbe(NamedTuple):
+    """What :func:`probe_representation` found out about an extractor's backbone."""
+
+    dim: int
+    """Size ``D`` of the pooled ``(B, D)`` representation."""
+    unreachable: tuple[str, ...]
+    """Names (in ``extractor.net.named_parameters()``) of the trainable parameters that get no gradient from the
+    representation: layers that run after the hooked one and modules that never run. Empty unless probed with
+    ``gradients=True``."""
+
+
+def probe_representation(
+    extractor: HiddenLayerExtractor,
+    input_shape: Sequence[int],
+    *,
+    dtype: torch.dtype | None = None,
+    gradients: bool = False,
+) -> RepresentationProbe:
+    """Traces an extractor on a blank batch: the size of its representation and which parameters it reaches.
+
+    The trace runs two zero images of shape ``input_shape`` on the ``meta`` device, through
+    ``torch.func.functional_call`` with meta copies of the backbone's parameters and buffers: no memory, no
+    compute, and nothing of the backbone changes (no buffer, training flag or ``.grad``). A backbone with a layer
+    that the ``meta`` device cannot run (one that reads a tensor's value, say) gets one real pass instead, on its
+    own device, in eval mode inside :func:`preserved_state` (buffers and flags restored); the gradients are
+    taken with ``torch.autograd.grad``, so no ``.grad`` is written either way.
+
+    Args:
+        extractor: The extractor (a :class:`~byol_wrapper.NetWrapper` too); its ``net`` is traced.
+        input_shape: ``(C, H, W)`` of one image.
+        dtype: Input dtype; defaults to that of the backbone's first floating-point parameter (else float32).
+        gradients: Also find the trainable parameters the representation cannot reach (one backward pass).
+
+    Returns:
+        The representation size and, with ``gradients``, the unreachable parameter names.
+
+    Raises:
+        Exception: Whatever the real pass raises when the ``meta`` trace fails too (e.g. a backbone that does not
+            take ``input_shape``); callers decide whether that is an error.
+    """
+    net = extractor.net
+    if dtype is None:
+        dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
+    shape = (2, *input_shape)
+    trainable = [(name, p) for name, p in net.named_parameters() if p.requires_grad] if gradients else []
+    try:
+        state = {name: torch.empty_like(t, device="meta") for name, t in [*net.named_parameters(), *net.named_buffers()]}
+        leaves = [state[name].requires_grad_() for name, _ in trainable]
+        x = torch.zeros(shape, dtype=dtype, device="meta")
+        return _trace(extractor, lambda i: functional_call(net, state, (i,), tie_weights=True), x, trainable, leaves)
+    except Exception:  # noqa: BLE001 - a layer without meta support: one guarded real pass
+        pass
+    first = next(itertools.chain(net.parameters(), net.buffers()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    with preserved_state(net):
+        x = torch.zeros(shape, dtype=dtype, device=device)
+        return _trace(extractor, net, x, trainable, [p for _, p in trainable])
+
+
+def _trace(
+    extractor: HiddenLayerExtractor,
+    run: Callable[[torch.Tensor], object],
+    x: torch.Tensor,
+    trainable: list[tuple[str, torch.Tensor]],
+    leaves: list[torch.Tensor],
+) -> RepresentationProbe:
+    """One probe pass: the representation of ``x`` through ``run`` and, if ``leaves``, which get no gradient."""
+    with torch.enable_grad() if leaves else torch.no_grad():
+        rep = extractor.get_representation(x, run)
+        grads = torch.autograd.grad(rep.sum(), leaves, allow_unused=True) if leaves else ()
+    unreachable = tuple(name for (name, _), grad in zip(trainable, grads) if grad is None)
+    return RepresentationProbe(int(rep.shape[-1]), unreachable)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch import nn
 
+from .utils.checks import check_positive_int
+
 __all__ = ["MLP", "SimSiamMLP", "batchnorm_class"]
 
 
@@ -36,8 +38,7 @@ class MLP(nn.Sequential):
 
     def __init__(self, dim: int, projection_size: int = 256, hidden_size: int = 4096, sync_batchnorm: bool | None = False) -> None:
         for name, value in (("dim", dim), ("projection_size", projection_size), ("hidden_size", hidden_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(name, value, error=ValueError)
         super().__init__(
             nn.Linear(dim, hidden_size),
             batchnorm_class(sync_batchnorm)(hidden_size),
@@ -60,8 +61,7 @@ class SimSiamMLP(nn.Sequential):
 
     def __init__(self, dim: int, projection_size: int = 256, hidden_size: int = 4096, sync_batchnorm: bool | None = False) -> None:
         for name, value in (("dim", dim), ("projection_size", projection_size), ("hidden_size", hidden_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(name, value, error=ValueError)
         norm = batchnorm_class(sync_batchnorm)
         super().__init__(
             nn.Linear(dim, hidden_size, bias=False),

@@ -29,6 +29,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from .utils.checks import check_float, check_int, is_int
+
 __all__ = ["LARS", "OPTIMIZERS", "build_optimizer", "is_excluded_parameter", "param_groups", "warmup_cosine_lr"]
 
 OPTIMIZERS = ("lars", "adamw", "sgd")
@@ -41,14 +43,6 @@ _NORM_TYPES: tuple[type[nn.Module], ...] = (
 )
 if hasattr(nn, "RMSNorm"):
     _NORM_TYPES = (*_NORM_TYPES, nn.RMSNorm)
-
-
-def _check_number(name: str, value: Any, *, minimum: float = 0.0, strict: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TypeError(f"{name} must be a finite number, got {value!r}")
-    if value < minimum or (strict and value == minimum):
-        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}, got {value!r}")
-    return float(value)
 
 
 def is_excluded_parameter(name: str, param: torch.Tensor, module: nn.Module) -> bool:
@@ -95,7 +89,7 @@ def param_groups(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    weight_decay = _check_number("weight_decay", weight_decay)
+    weight_decay = check_float("weight_decay", weight_decay)
     seen: set[int] = set()
     regular: list[nn.Parameter] = []
     excluded: list[nn.Parameter] = []
@@ -154,10 +148,10 @@ class LARS(Optimizer):
         nesterov: bool = False,
         lars_exclude: bool = False,
     ) -> None:
-        lr = _check_number("lr", lr)
-        momentum = _check_number("momentum", momentum)
-        weight_decay = _check_number("weight_decay", weight_decay)
-        trust_coefficient = _check_number("trust_coefficient", trust_coefficient, strict=True)
+        lr = check_float("lr", lr)
+        momentum = check_float("momentum", momentum)
+        weight_decay = check_float("weight_decay", weight_decay)
+        trust_coefficient = check_float("trust_coefficient", trust_coefficient, strict=True)
         if nesterov and momentum <= 0:
             raise ValueError("nesterov=True needs momentum > 0; pass momentum=0.9 or nesterov=False")
         defaults = dict(
@@ -244,15 +238,14 @@ def warmup_cosine_lr(step: int, total_steps: int, warmup_steps: int, base_lr: fl
         TypeError: An argument has the wrong type.
         ValueError: ``total_steps < 1``, ``warmup_steps`` outside ``[0, total_steps]``, or a negative rate.
     """
-    for name, value in (("step", step), ("total_steps", total_steps), ("warmup_steps", warmup_steps)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {value!r}")
-    if total_steps < 1:
-        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-    if not 0 <= warmup_steps <= total_steps:
+    if not is_int(step):
+        raise TypeError(f"step must be an int, got {step!r}")
+    total_steps = check_int("total_steps", total_steps, 1)
+    warmup_steps = check_int("warmup_steps", warmup_steps, 0)
+    if warmup_steps > total_steps:
         raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}")
-    base_lr = _check_number("base_lr", base_lr)
-    final_lr = _check_number("final_lr", final_lr)
+    base_lr = check_float("base_lr", base_lr)
+    final_lr = check_float("final_lr", final_lr)
     step = max(step, 0)
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps

@@ -14,20 +14,9 @@ import torch
 from torch import nn
 
 from .heads import MLP, SimSiamMLP, batchnorm_class
+from .utils.checks import check_float, check_positive_int
 
 __all__ = ["SEM", "sem_projector"]
-
-
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _check_temperature(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a positive float (byol-pytorch's default 0.1), got {value!r}")
-    return float(value)
 
 
 class SEM(nn.Module):
@@ -44,15 +33,15 @@ class SEM(nn.Module):
 
     def __init__(self, dim: int, temperature: float = 0.1, dim_simplex: int = 8) -> None:
         super().__init__()
-        _check_positive_int("dim", dim)
-        _check_positive_int("dim_simplex", dim_simplex)
+        dim = check_positive_int("dim", dim, error=ValueError)
+        dim_simplex = check_positive_int("dim_simplex", dim_simplex, error=ValueError)
         if dim % dim_simplex:
             raise ValueError(
                 f"dim={dim} must be divisible by dim_simplex={dim_simplex} (dim = number of simplices * simplex size)"
             )
         self.dim = dim
         self.dim_simplex = dim_simplex
-        self.temperature = _check_temperature("temperature", temperature)
+        self.temperature = check_float("temperature", temperature, strict=True, error=ValueError)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         """``(..., L * V)`` -> ``(..., L * V)``, each group of ``V`` a probability vector."""
@@ -89,9 +78,9 @@ def sem_projector(
     Returns:
         ``Sequential(Sequential(Linear(dim, L*V), BatchNorm(L*V)), SEM, MLP(L*V, ...))``.
     """
-    _check_positive_int("sem_num_simplices", num_simplices)
-    _check_positive_int("sem_simplex_dim", simplex_dim)
-    temperature = _check_temperature("sem_temperature", temperature)
+    num_simplices = check_positive_int("sem_num_simplices", num_simplices, error=ValueError)
+    simplex_dim = check_positive_int("sem_simplex_dim", simplex_dim, error=ValueError)
+    temperature = check_float("sem_temperature", temperature, strict=True, error=ValueError)
     sem_dim = num_simplices * simplex_dim
     embedder = nn.Sequential(nn.Linear(dim, sem_dim), batchnorm_class(sync_batchnorm)(sem_dim))
     mlp = (SimSiamMLP if simsiam else MLP)(sem_dim, projection_size, hidden_size, sync_batchnorm)

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from .byol import BYOL
 from .checkpoint import atomic_save, load_latest_checkpoint, remove_stale_temporaries, save_checkpoint
 from .distributed import unwrap
+from .utils.checks import check_float, check_positive_int
 
 __all__ = ["BYOLTrainer", "MockDataset"]
 
@@ -47,8 +48,7 @@ class MockDataset(Dataset):
 
     def __init__(self, image_size: int, length: int, channels: int = 3) -> None:
         for name, value in (("image_size", image_size), ("length", length), ("channels", channels)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"MockDataset: {name} must be a positive int, got {value!r}")
+            check_positive_int(f"MockDataset: {name}", value, error=ValueError)
         self.image_size = image_size
         self.length = length
         self.channels = channels
@@ -78,12 +78,6 @@ def _images(batch: Any) -> torch.Tensor:
             f"{type(batch).__name__}"
         )
     return batch
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"BYOLTrainer: {name} must be a positive int, got {value!r}")
-    return value
 
 
 class _FolderLock:
@@ -167,12 +161,11 @@ class BYOLTrainer(nn.Module):
             ) from e
         if not isinstance(net, nn.Module):
             raise TypeError(f"BYOLTrainer: net must be a torch.nn.Module, got {type(net).__name__}")
-        if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not learning_rate > 0:
-            raise ValueError(f"BYOLTrainer: learning_rate must be a positive float, got {learning_rate!r}")
-        self.num_train_steps = _positive_int("num_train_steps", num_train_steps)
-        self.checkpoint_every = _positive_int("checkpoint_every", checkpoint_every)
-        self.log_every = _positive_int("log_every", log_every)
-        _positive_int("batch_size", batch_size)
+        check_float("BYOLTrainer: learning_rate", learning_rate, strict=True, error=ValueError)
+        self.num_train_steps = check_positive_int("BYOLTrainer: num_train_steps", num_train_steps, error=ValueError)
+        self.checkpoint_every = check_positive_int("BYOLTrainer: checkpoint_every", checkpoint_every, error=ValueError)
+        self.log_every = check_positive_int("BYOLTrainer: log_every", log_every, error=ValueError)
+        check_positive_int("BYOLTrainer: batch_size", batch_size, error=ValueError)
         if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
             raise TypeError(f"BYOLTrainer: dataset must be a map-style torch Dataset, got {type(dataset).__name__}")
         if len(dataset) < 2:

@@ -126,6 +126,18 @@ def test_unused_parameters_fallback_real_pass_restores_state():
     assert all(p.grad is None for p in learner.parameters())
 
 
+class _NeverRuns(TinyCNN):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("this backbone cannot run on blank images")
+
+
+def test_unused_parameters_warns_and_ignores_nothing_when_the_check_cannot_run():
+    learner = make(_NeverRuns(), hidden_dim=16)
+    for check in (learner.unused_parameters, lambda: unused_parameters(learner)):
+        with pytest.warns(UserWarning, match="could not check which backbone parameters.*cannot run on blank images"):
+            assert check() == []
+
+
 def test_ddp_ignore_list_setter_adds_names():
     learner = make()
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(learner, ["online_predictor.0.bias"])

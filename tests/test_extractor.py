@@ -104,3 +104,87 @@ def test_deepcopy_gets_its_own_hook(tiny_cnn):
     twin.remove_hook()
     assert _feature_hooks(tiny_cnn) == 1
     assert ext(x).shape == (2, 16)
+
+
+# ---------------------------------------------------------------------------------------------- the probe
+class _SeesDevices(nn.Module):
+    """TinyCNN-like backbone recording the device of every input; ``meta=False`` reads a value (no meta support)."""
+
+    def __init__(self, meta: bool = True) -> None:
+        super().__init__()
+        self.meta = meta
+        self.seen: list[str] = []
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.unused = nn.Linear(2, 2)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.device.type)
+        if not self.meta and bool(x.sum() > 1e9):
+            x = x * 2
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+AFTER_POOL = ("unused.weight", "unused.bias", "fc.weight", "fc.bias")
+
+
+@pytest.mark.parametrize("meta", [True, False])
+def test_probe_size_and_unreachable_parameters_change_nothing(meta):
+    from byol_wrapper.extractor import RepresentationProbe, probe_representation
+
+    net = _SeesDevices(meta).train()
+    bn = net.features[1]  # a real train-mode batch would move its statistics and num_batches_tracked
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    ext = HiddenLayerExtractor(net, "pool")
+    assert probe_representation(ext, (3, 8, 8)) == RepresentationProbe(4, ())
+    found = probe_representation(ext, (3, 8, 8), gradients=True)
+    assert found.dim == 4 and found.unreachable == AFTER_POOL
+    # The meta trace runs alone when the backbone supports it; otherwise one real pass follows it, on the CPU.
+    assert net.seen == (["meta"] * 2 if meta else ["meta", "cpu"] * 2)
+    assert net.training and bn.training
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert all(p.grad is None for p in net.parameters())
+    # Frozen layers are not reported; the output layer reaches fc.
+    net.unused.requires_grad_(False)
+    assert probe_representation(HiddenLayerExtractor(net, -1), (3, 8, 8), gradients=True).unreachable == ()
+
+
+def test_probe_input_dtype_follows_the_backbone():
+    from byol_wrapper.extractor import probe_representation
+
+    net = _SeesDevices(meta=False).double()
+    assert probe_representation(HiddenLayerExtractor(net, "pool"), (3, 8, 8)).dim == 4  # a float32 input would fail
+    with pytest.raises(RuntimeError):
+        probe_representation(HiddenLayerExtractor(net, "pool"), (3, 8, 8), dtype=torch.float32)
+
+
+def test_probe_errors_of_the_real_pass_reach_the_caller():
+    from byol_wrapper.extractor import probe_representation
+
+    with pytest.raises(RuntimeError, match="channels|size"):
+        probe_representation(HiddenLayerExtractor(_SeesDevices(meta=False), "pool"), (5, 8, 8))
+
+
+def test_one_probe_in_the_package_and_byol_does_not_import_distributed():
+    """The meta-device trace lives in extractor.py only; byol.py and distributed.py no longer import each other."""
+    import ast
+    import pathlib
+
+    import byol_wrapper
+
+    package = pathlib.Path(byol_wrapper.__file__).parent
+    tracing, imports = [], {}
+    for path in package.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        module = path.relative_to(package).with_suffix("").as_posix()
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                found.add(("." * node.level) + (node.module or ""))
+                if node.module == "torch.func" and any(a.name == "functional_call" for a in node.names):
+                    tracing.append(module)
+        imports[module] = found
+    assert tracing == ["extractor"], tracing
+    assert ".distributed" not in imports["byol"], imports["byol"]
+    assert ".byol" in imports["distributed"]

@@ -14,7 +14,7 @@ from .._version import __version__
 from ..decode import DECODE_CHOICES
 from ..optim import OPTIMIZERS
 
-__all__ = ["PROG", "UsageError", "apply_demo", "build_parser", "default_threads"]
+__all__ = ["PROG", "UsageError", "apply_demo", "build_parser", "check_augment_kwargs", "default_threads"]
 
 PROG = "byol-train"
 

@@ -2,3 +2,7 @@
 
 - :mod:`byol_wrapper.utils.checks`: validation of user arguments, with messages that name the argument and the fix.
 """
+
+from . import checks
+
+__all__ = ["checks"]

@@ -14,12 +14,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 __all__ = [
     "check_choice",
+    "check_device",
     "check_dir",
     "check_float",
     "check_int",
     "check_pair",
+    "check_positive_int",
     "check_probability",
     "check_size",
     "check_stats",
@@ -61,6 +65,31 @@ def check_int(name: str, value: Any, minimum: int = 0, *, error: type[Exception]
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}; pass an integer >= {minimum}")
     return value
+
+
+def check_positive_int(name: str, value: Any, *, error: type[Exception] = TypeError, what: str = "") -> int:
+    """A positive integer: the short form of ``check_int(name, value, 1)`` whose message says "a positive int".
+
+    Args:
+        name: Argument name for the message.
+        value: The value to check.
+        error: Exception class for a value that is not an integer (``TypeError``; byol-pytorch-style
+            constructors raise ``ValueError`` for every bad value and keep doing so).
+        what: What the number counts, added to the message in parentheses (e.g. ``"the world size"``).
+
+    Returns:
+        ``value`` as an ``int``.
+
+    Raises:
+        TypeError: ``value`` is not an integer (or ``error``).
+        ValueError: ``value < 1``.
+    """
+    message = f"{name} must be a positive int{f' ({what})' if what else ''}, got {value!r}"
+    if not is_int(value):
+        raise error(message)
+    if value < 1:
+        raise ValueError(message)
+    return int(value)
 
 
 def check_float(name: str, value: Any, *, minimum: float = 0.0, strict: bool = False, error: type[Exception] = TypeError) -> float:
@@ -171,3 +200,17 @@ def check_dir(name: str, value: Any, *, must_exist: bool = True, what: str = "a 
         if not path.is_dir():
             raise ValueError(f"{name} {str(path)!r} is not a folder; pass the folder that contains the images")
     return path
+
+
+def check_device(name: str, value: Any) -> torch.device | None:
+    """A device as ``torch.device`` accepts it (``"cpu"``, ``"cuda:0"``, a ``torch.device``); ``None`` passes through.
+
+    Raises:
+        TypeError: ``torch.device`` cannot read ``value``.
+    """
+    if value is None:
+        return None
+    try:
+        return torch.device(value)
+    except (TypeError, RuntimeError) as exc:
+        raise TypeError(f"{name} must be a torch.device, a string such as 'cpu' or 'cuda:0', or None; got {value!r}") from exc
