@@ -124,9 +124,9 @@ class _Clock:
     ("clock", "reason"),
     [
         # steady steps: the schedule fitted in the first half of the budget ends with it
-        (_Clock(0.05, 0.05, 0.0), "schedule complete"),
-        # steps 10x slower after 1.5 s, once the fit is frozen: the budget stops the run before the schedule ends
-        (_Clock(0.05, 0.5, 1.5), "time budget reached (0.05 min)"),
+        (_Clock(0.25, 0.25, 0.0), "schedule complete"),
+        # steps 4x slower after 3 s of clock (the fit is frozen by then): the budget stops the run before the schedule ends
+        (_Clock(0.25, 1.0, 3.0), "time budget reached (0.05 min)"),
     ],
     ids=["steady", "slower-later"],
 )
