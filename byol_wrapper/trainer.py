@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from .byol import BYOL
 from .checkpoint import atomic_save, load_latest_checkpoint, remove_stale_temporaries, save_checkpoint
 from .distributed import unwrap
+from .lock import RunLock, RunLockedError
 from .utils.checks import check_float, check_positive_int
 
 __all__ = ["BYOLTrainer", "MockDataset"]
@@ -78,32 +79,6 @@ def _images(batch: Any) -> torch.Tensor:
             f"{type(batch).__name__}"
         )
     return batch
-
-
-class _FolderLock:
-    """An exclusive ``flock`` on ``folder/.lock``, held while a trainer trains: a second one refuses."""
-
-    def __init__(self, folder: Path) -> None:
-        self._file = None
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no lock
-            return
-        f = open(folder / ".lock", "a")  # noqa: SIM115 - held open for the trainer's lifetime
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.close()
-            raise RuntimeError(
-                f"BYOLTrainer: another process is training into checkpoint_folder={str(folder)!r}; "
-                "wait for it to finish or pass another checkpoint_folder"
-            ) from None
-        self._file = f
-
-    def release(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
 
 
 class BYOLTrainer(nn.Module):
@@ -251,7 +226,15 @@ class BYOLTrainer(nn.Module):
         Raises:
             RuntimeError: another trainer is training into ``checkpoint_folder`` (its ``.lock`` is held).
         """
-        lock = _FolderLock(self.checkpoint_folder) if self.accelerator.is_main_process else None
+        lock = RunLock(self.checkpoint_folder) if self.accelerator.is_main_process else None
+        if lock is not None:
+            try:
+                lock.acquire()  # the lock byol-train takes on --out: released by the kernel on any exit
+            except RunLockedError as exc:
+                raise RuntimeError(
+                    f"BYOLTrainer: another process is training into checkpoint_folder={str(self.checkpoint_folder)!r} "
+                    f"({exc}); wait for it to finish or pass another checkpoint_folder"
+                ) from None
         try:
             if lock is not None:
                 remove_stale_temporaries(self.checkpoint_folder)

@@ -535,10 +535,10 @@ def _trainer(tmp_path, steps=2, **kwargs):
 
 def test_trainer_refuses_a_busy_folder_and_resumes_from_its_full_checkpoint(tmp_path):
     pytest.importorskip("accelerate")
-    from byol_wrapper.trainer import _FolderLock
+    from byol_wrapper.lock import RunLock
 
     first = _trainer(tmp_path, steps=2)
-    busy = _FolderLock(tmp_path / "ck")  # another trainer training into the same folder
+    busy = RunLock(tmp_path / "ck").acquire()  # another trainer (or byol-train) training into the same folder
     with pytest.raises(RuntimeError, match="another process is training into checkpoint_folder"):
         first()
     assert int(first.step) == 0 and not (tmp_path / "ck" / "last.pt").exists()

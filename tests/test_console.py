@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from byol_wrapper._extras import train_extras_notice
+from byol_wrapper.cli._extras import train_extras_notice
 from byol_wrapper.train import main
 
 

@@ -33,8 +33,8 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from .._extras import train_extras_notice
-from .._workers import install_exit_guard, shutdown_loader
+from ._extras import train_extras_notice
+from ._workers import install_exit_guard, shutdown_loader
 from ..lock import RunLock
 from .args import PROG, UsageError, apply_demo, build_parser, check_augment_kwargs, default_threads
 from .metrics import plot_metrics

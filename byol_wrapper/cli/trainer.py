@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .._extras import missing_train_extras
+from ._extras import missing_train_extras
 from .._version import __version__
 from ..backbones import build_backbone
 from ..byol import BYOL
