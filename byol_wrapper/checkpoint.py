@@ -108,7 +108,8 @@ def _all_finite(t: torch.Tensor) -> torch.Tensor:
     """0-dim bool tensor on ``t``'s device: no NaN and no infinity in ``t``.
 
     The minimum and maximum are finite exactly when every element is (NaN propagates through both); one
-    reduction pass without the full-size boolean mask of ``isfinite(t).all()`` (50x faster on the CPU).
+    reduction pass without the full-size boolean mask of ``isfinite(t).all()`` (much faster on the CPU; figures in
+    the issue-10 notes of ``benchmarks/RESULTS.md``).
     """
     if t.is_complex():
         return torch.isfinite(t).all()

@@ -68,8 +68,8 @@ DEMO_CLASSES: tuple[str, ...] = ("circle", "cross", "ring", "square", "star", "t
 #: ``projection_hidden_size``, ``moving_average_decay`` (base tau; the cosine schedule to 1 over ``max_steps`` is
 #: used), ``augment_kwargs`` (overrides for both views, see :func:`byol_wrapper.augmentations.byol_views`),
 #: ``knn_k``, ``knn_temperature``; and, used by the command only, ``workers`` (DataLoader processes; 0, because
-#: decoding 16 px PNGs in the training process is cheaper than a worker competing with it for two cores: 78 s
-#: instead of 91 s) and ``eval_every`` (kNN evaluation every N epochs).
+#: decoding 16 px PNGs in the training process is cheaper than a worker competing with it for two cores; figures in
+#: ``benchmarks/RESULTS.md``) and ``eval_every`` (kNN evaluation every N epochs).
 DEMO_CONFIG: dict[str, Any] = {
     "backbone": "byol_wrapper.demo:SmallCNN",
     "cifar_stem": False,
