@@ -9,20 +9,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_metrics", "progress_bar", "read_metrics", "truncate_metrics"]
+from ..plot import read_metrics
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    records = []
-    if path.exists():
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by a kill
-                if isinstance(rec, dict):
-                    records.append(rec)
-    return records
+__all__ = ["plot_metrics", "progress_bar", "read_metrics", "truncate_metrics"]
 
 
 def truncate_metrics(path: Path, keep_up_to_step: int) -> None:
