@@ -27,7 +27,7 @@ from torch.optim import Adam
 from torch.utils.data import DataLoader, Dataset
 
 from .byol import BYOL
-from .checkpoint import atomic_save, load_latest_checkpoint, remove_stale_temporaries, save_checkpoint
+from .checkpoint import atomic_save, load_latest_checkpoint, nonfinite_entries, remove_stale_temporaries, save_checkpoint
 from .distributed import unwrap
 from .lock import RunLock, RunLockedError
 from .utils.checks import check_float, check_positive_int
@@ -215,9 +215,16 @@ class BYOLTrainer(nn.Module):
             return
         if name is None:
             name = str((step - 1) // self.checkpoint_every)
+        state = self.state()
+        bad = nonfinite_entries({"learner": state["learner"], "optimizer": state["optimizer"]})
+        if bad:  # never write a diverged state over the finite checkpoints (as byol-train)
+            raise RuntimeError(
+                f"BYOLTrainer: the model state became NaN or infinite by step {step} ({', '.join(bad[:3])}); not saved, "
+                f"{self.last_checkpoint} keeps the last finite state. Lower learning_rate and resume"
+            )
         net_state = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
         atomic_save(net_state, self.checkpoint_folder / f"checkpoint.{name}.pt")
-        save_checkpoint(self.state(), self.last_checkpoint)
+        save_checkpoint(state, self.last_checkpoint)
 
     # ------------------------------------------------------------------ training
     def forward(self) -> None:

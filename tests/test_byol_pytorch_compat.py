@@ -533,6 +533,19 @@ def _trainer(tmp_path, steps=2, **kwargs):
     )
 
 
+def test_trainer_never_saves_a_diverged_state_over_its_checkpoint(tmp_path):
+    pytest.importorskip("accelerate")
+    trainer = _trainer(tmp_path, steps=2)
+    trainer()
+    good = (tmp_path / "ck" / "last.pt").read_bytes()
+    with torch.no_grad():
+        next(trainer.learner.parameters()).fill_(float("nan"))
+    with pytest.raises(RuntimeError, match="NaN or infinite by step 3"):
+        trainer.save(3)
+    assert (tmp_path / "ck" / "last.pt").read_bytes() == good
+    assert not (tmp_path / "ck" / "checkpoint.2.pt").exists()
+
+
 def test_trainer_refuses_a_busy_folder_and_resumes_from_its_full_checkpoint(tmp_path):
     pytest.importorskip("accelerate")
     from byol_wrapper.lock import RunLock

@@ -30,19 +30,9 @@ from byol_wrapper.data import ImageFolderDataset, find_images
 from byol_wrapper.lock import RunLock, RunLockedError
 from byol_wrapper.train import EXIT_DIVERGED, main
 
+from tests.test_train import TINY, _write_images  # the same tiny model and image folder
+
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--backbone", "shufflenet_v2_x0_5", "--backbone-kwargs", '{"num_classes": 2}']
-
-
-def _write_images(root: Path, classes: int = 2, per_class: int = 6, size: int = 16, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    for c in range(classes):
-        (root / f"class{c}").mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            arr = (rng.random((size, size, 3)) * 80).astype(np.uint8)
-            arr[..., c % 3] += 150
-            Image.fromarray(arr).save(root / f"class{c}" / f"{i}.png")
-    return root
 
 
 @pytest.fixture(scope="module")
